@@ -1,0 +1,331 @@
+"""The competition layout as datasets and a LightningDataModule.
+
+Layout under one root: ``mchar_train/`` + ``mchar_train.json``, ``mchar_val/`` +
+``mchar_val.json``, ``mchar_test_a/`` (no labels). Images are decoded once into a cache (see
+``svhn.images``); training augments the small cached uint8 arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+
+from svhn.images import ImageCache, default_cache_dir
+from svhn.labels import (
+    DEFAULT_MAX_LEN,
+    Sample,
+    encode_label,
+    load_labels,
+    split_by_length,
+)
+from svhn.transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+SPLITS = {
+    "train": ("mchar_train", "mchar_train.json"),
+    "val": ("mchar_val", "mchar_val.json"),
+    "test_a": ("mchar_test_a", None),
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DATA_HELP = (
+    "Download the competition files (mchar_train.zip, mchar_train.json, mchar_val.zip, "
+    "mchar_val.json, mchar_test_a.zip) and unpack them there; see data/README.md."
+)
+
+
+class DataError(ValueError):
+    """The data folder does not hold what the competition layout needs."""
+
+
+@dataclass
+class SplitFiles:
+    """What one split holds on disk: image paths in file-name order and their labels."""
+
+    name: str
+    image_paths: list[Path]
+    samples: list[Sample] | None  # None for unlabelled splits
+
+
+def has_competition_data(data_dir: str | Path) -> bool:
+    data_dir = Path(data_dir)
+    return (data_dir / "mchar_train").is_dir() and (data_dir / "mchar_train.json").is_file()
+
+
+def _split_paths(data_dir: Path, split: str) -> tuple[Path, Path | None]:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}.")
+    folder, labels = SPLITS[split]
+    return data_dir / folder, (data_dir / labels) if labels else None
+
+
+def list_split(data_dir: str | Path, split: str, max_len: int | None = None) -> SplitFiles:
+    """Match a split's images with its labels, with a clear error for whatever is off."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder not found. {DATA_HELP}")
+    image_dir, label_file = _split_paths(data_dir, split)
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: image folder for split {split!r} not found. {DATA_HELP}")
+    on_disk = {p.name: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    if label_file is None:
+        if not on_disk:
+            raise DataError(f"{image_dir}: no images found for split {split!r}.")
+        return SplitFiles(split, [on_disk[n] for n in sorted(on_disk)], None)
+
+    samples = load_labels(label_file)
+    missing = [s.file_name for s in samples if s.file_name not in on_disk]
+    if missing:
+        raise DataError(
+            f"{label_file}: {len(missing)} labelled image(s) are missing from {image_dir} "
+            f"(first: {', '.join(missing[:5])}). Unpack the whole archive for this split."
+        )
+    unlabelled = sorted(set(on_disk) - {s.file_name for s in samples})
+    if unlabelled:
+        warnings.warn(
+            f"{image_dir}: {len(unlabelled)} image(s) have no entry in {label_file.name} and "
+            f"are ignored (first: {', '.join(unlabelled[:5])}).",
+            stacklevel=2,
+        )
+    if max_len is not None:
+        samples, _ = split_by_length(samples, max_len, source=str(label_file))
+    return SplitFiles(split, [on_disk[s.file_name] for s in samples], samples)
+
+
+class DigitImageDataset(Dataset):
+    """Cached images of one split with their encoded targets and digit boxes.
+
+    Each item is a dict: ``image`` (3, H, W) float tensor, ``target`` (max_len,) long,
+    ``length`` (number of digits, 0 when unlabelled), ``box`` (4,) union box of the digits
+    normalised to the image (zeros when unlabelled) and ``file_name``.
+    """
+
+    def __init__(
+        self, files: SplitFiles, cache: ImageCache, preset: str, image_size: tuple[int, int],
+        max_len: int = DEFAULT_MAX_LEN,
+    ):
+        self.files = files
+        self.cache = cache
+        self.max_len = max_len
+        self.transform = build_transform(preset, image_size)
+        self.names = [p.name for p in files.image_paths]
+        if files.samples is not None:
+            self.targets = torch.tensor([encode_label(s.digits, max_len) for s in files.samples])
+            self.lengths = torch.tensor([len(s.digits) for s in files.samples])
+            self.boxes = _normalised_union_boxes(files.samples, cache.original_sizes)
+        else:
+            self.targets = torch.full((len(self.names), max_len), -100, dtype=torch.long)
+            self.lengths = torch.zeros(len(self.names), dtype=torch.long)
+            self.boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32),
+                                 (len(self.names), 1))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict:
+        out = self.transform(image=np.asarray(self.cache.array[index]),
+                             bboxes=[self.boxes[index]], box_labels=[0])
+        box = out["bboxes"][0] if len(out["bboxes"]) else np.array([0.0, 0.0, 1.0, 1.0])
+        return {
+            "image": out["image"],
+            "target": self.targets[index],
+            "length": self.lengths[index],
+            "box": torch.as_tensor(np.asarray(box, dtype=np.float32)),
+            "file_name": self.names[index],
+        }
+
+
+def _normalised_union_boxes(samples: Sequence[Sample], original_sizes: np.ndarray) -> np.ndarray:
+    boxes = np.array([s.union_box() for s in samples], dtype=np.float64)
+    scale = np.concatenate([original_sizes, original_sizes], axis=1).astype(np.float64)
+    boxes = np.clip(boxes / scale, 0.0, 1.0)
+    # Degenerate boxes (zero area after clipping) would be dropped by albumentations.
+    boxes[:, 2] = np.maximum(boxes[:, 2], boxes[:, 0] + 1e-3)
+    boxes[:, 3] = np.maximum(boxes[:, 3], boxes[:, 1] + 1e-3)
+    return np.clip(boxes, 0.0, 1.0).astype(np.float32)
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Each rank takes every world_size-th item and nothing is repeated.
+
+    Lightning's default sampler pads the last batch with repeats, which would count some
+    validation images twice; metrics must see each image exactly once.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _seed_worker_augmentations(worker_id: int) -> None:
+    """Give each worker its own augmentation stream (forked workers share the parent's)."""
+    info = torch.utils.data.get_worker_info()
+    seed = int(torch.initial_seed() % 2**32)
+    datasets = info.dataset.datasets if isinstance(info.dataset, ConcatDataset) else [
+        info.dataset]
+    for ds in datasets:
+        ds.transform.set_random_seed(seed)
+
+
+def default_num_workers() -> int:
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+class SVHNDataModule(L.LightningDataModule):
+    """Train / val / test / predict dataloaders over the competition layout.
+
+    Args:
+        data_dir: root of the competition layout.
+        image_size: (height, width) the model sees.
+        batch_size: images per batch (per device).
+        num_workers: dataloader workers; None picks min(8, cpus - 1).
+        max_len: positions per target; longer labels are left out with a warning.
+        augment: training preset: none, baseline, strong or zoom.
+        train_on: splits to train on; ("train", "val") for a final submission.
+        val_on: split for validation (checkpoint choice) and test.
+        predict_on: split to predict.
+        cache_dir: where decoded images are cached (default data/cache/<dataset>-<hash>).
+        cache_scale: cache images at this multiple of image_size (crops keep detail).
+        synthetic_fallback: when data_dir has no competition data, generate a synthetic
+            set under data/synthetic and use it (the embedded default of svhn.fit).
+        synthetic_size: number of synthetic training images for that fallback.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/mchar",
+        image_size: tuple[int, int] = (64, 128),
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        max_len: int = DEFAULT_MAX_LEN,
+        augment: str = "baseline",
+        train_on: tuple[str, ...] = ("train",),
+        val_on: str = "val",
+        predict_on: str = "test_a",
+        cache_dir: str | None = None,
+        cache_scale: float = 1.0,
+        synthetic_fallback: bool = False,
+        synthetic_size: int = 2000,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir = self._resolve_data_dir(data_dir, synthetic_fallback, synthetic_size)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.cache_size = (round(self.image_size[0] * cache_scale),
+                           round(self.image_size[1] * cache_scale))
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(self.data_dir)
+        self.datasets: dict[str, DigitImageDataset] = {}
+
+    @staticmethod
+    def _resolve_data_dir(data_dir: str, fallback: bool, size: int) -> Path:
+        path = Path(data_dir)
+        if has_competition_data(path) or not fallback:
+            return path
+        synthetic = Path("data/synthetic")
+        message = (
+            f"No competition data under {path.resolve()} (looked for mchar_train/ and "
+            f"mchar_train.json). Training on a synthetic set in {synthetic} instead. To use "
+            f"the real data: {DATA_HELP}"
+        )
+        log.warning(message)
+        print(message, flush=True)
+        return synthetic
+
+    # -- data on disk -------------------------------------------------------------------
+    def _synthetic_needed(self) -> bool:
+        return (self.hparams.synthetic_fallback
+                and not has_competition_data(self.data_dir)
+                and self.data_dir == Path("data/synthetic"))
+
+    def prepare_data(self) -> None:
+        """Runs once per machine: generate the fallback set, decode images into the cache."""
+        if self._synthetic_needed():
+            from svhn.synthetic import generate_dataset
+
+            generate_dataset(self.data_dir, n_train=self.hparams.synthetic_size, seed=0)
+        for split in self._splits_in_use():
+            self._cache_for(self._files(split)).build(self.num_workers, desc=f"caching {split}")
+
+    def _splits_in_use(self) -> list[str]:
+        splits = list(self.hparams.train_on) + [self.hparams.val_on, self.hparams.predict_on]
+        present = [s for s in dict.fromkeys(splits) if _split_paths(self.data_dir, s)[0].is_dir()]
+        return present
+
+    def _files(self, split: str) -> SplitFiles:
+        max_len = self.hparams.max_len if SPLITS[split][1] else None
+        return list_split(self.data_dir, split, max_len)
+
+    def _cache_for(self, files: SplitFiles) -> ImageCache:
+        height, width = self.cache_size
+        return ImageCache(files.image_paths, self.cache_size,
+                          self.cache_dir / f"{files.name}_{height}x{width}.npy")
+
+    def dataset(self, split: str, preset: str = "none") -> DigitImageDataset:
+        """One split as a dataset with the given augmentation preset (cached per pair)."""
+        key = f"{split}:{preset}"
+        if key not in self.datasets:
+            files = self._files(split)
+            cache = self._cache_for(files)
+            if not cache.is_fresh():  # outside a Trainer nobody called prepare_data
+                cache.build(self.num_workers, desc=f"caching {split}")
+            self.datasets[key] = DigitImageDataset(files, cache, preset, self.image_size,
+                                                   self.hparams.max_len)
+        return self.datasets[key]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", None):
+            self.train_set = ConcatDataset(
+                [self.dataset(s, self.hparams.augment) for s in self.hparams.train_on])
+        if stage in ("fit", "validate", "test", None):
+            self.val_set = self.dataset(self.hparams.val_on)
+        if stage in ("predict", None):
+            self.predict_set = self.dataset(self.hparams.predict_on)
+
+    # -- loaders ------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, shuffle: bool, sampler=None) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_seed_worker_augmentations if workers > 0 else None,
+            drop_last=False,
+        )
+
+    def _eval_sampler(self, dataset: Dataset):
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            return UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
+        return None
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False, sampler=self._eval_sampler(self.val_set))
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_set, shuffle=False)

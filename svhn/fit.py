@@ -1,0 +1,126 @@
+"""Train: ``python -m svhn.fit [--config configs/X.yaml ...] [--model.backbone resnet50 ...]``.
+
+A LightningCLI over ``DigitSequenceModel`` and ``SVHNDataModule``. ``configs/default.yaml``
+is always read first, so every other config only states what it changes. The ``fit``
+subcommand is implied; ``validate`` and ``test`` can be named first
+(``python -m svhn.fit validate --ckpt_path best.ckpt``).
+
+Runs land in ``runs/<name>/version_N/`` (the resolved ``config.yaml``, metrics and
+``checkpoints/``). ``--ckpt_path last`` resumes the newest run of that name in place.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from svhn.data import SVHNDataModule
+from svhn.module import DigitSequenceModel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+SUBCOMMANDS = ("fit", "validate", "test")
+
+
+class SaveConfigOnce(SaveConfigCallback):
+    """Never overwrites a run's config: a resumed run writes ``config_resumed_N.yaml``."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        base = Path(self.config_filename).stem
+        candidate, n = self.config_filename, 1
+        while (Path(log_dir) / candidate).exists():
+            candidate, n = f"{base}_resumed_{n}.yaml", n + 1
+        self.config_filename = candidate
+        super().setup(trainer, pl_module, stage)
+
+
+def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
+    """The newest ``<save_dir>/<name>/<version>/checkpoints/last.ckpt``, if any."""
+    found = sorted(Path(save_dir, name).glob("*/checkpoints/last.ckpt"),
+                   key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+class SVHNCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/seq_acc",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "epoch{epoch:03d}-seq_acc{val/seq_acc:.4f}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.link_arguments("data.max_len", "model.max_len")
+
+    def before_instantiate_classes(self) -> None:
+        """``--ckpt_path last`` (or a checkpoint inside a run) continues that same run."""
+        if self.subcommand != "fit":
+            return
+        config = self.config.fit
+        logger = config.trainer.logger
+        if not config.ckpt_path or not hasattr(logger, "init_args"):
+            return
+        save_dir = logger.init_args.get("save_dir") or "runs"
+        name = logger.init_args.get("name") or logger.init_args.get("project") or "svhn"
+        if config.ckpt_path == "last":
+            last = find_last_checkpoint(save_dir, name)
+            if last is None:
+                raise SystemExit(f"--ckpt_path last: no run with a last.ckpt under "
+                                 f"{Path(save_dir, name)}; train once first.")
+            config.ckpt_path = str(last)
+        ckpt = Path(config.ckpt_path).resolve()
+        if ckpt.parent.name == "checkpoints" and ckpt.parents[2] == Path(save_dir, name).resolve():
+            version = ckpt.parents[1].name
+            if logger.class_path.endswith("WandbLogger"):
+                logger.init_args["id"] = version
+                logger.init_args["resume"] = "allow"
+            elif "version" in logger.init_args:
+                logger.init_args["version"] = version
+            print(f"Resuming {version} of {name} from {ckpt}", flush=True)
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        callback = trainer.checkpoint_callback
+        if not trainer.is_global_zero or callback is None or trainer.fast_dev_run:
+            return
+        best = callback.best_model_path or callback.last_model_path
+        score = callback.best_model_score
+        score_text = f"{float(score):.4f}" if score is not None else "n/a"
+        data_dir = self.datamodule.data_dir
+        print(
+            f"\nBest val/seq_acc: {score_text}\nCheckpoint: {best}\n"
+            f"Predict: python -m svhn.predict {best} --data_dir {data_dir}",
+            flush=True,
+        )
+
+
+def build_cli(args: list[str] | None = None) -> SVHNCLI:
+    args = list(sys.argv[1:] if args is None else args)
+    if not args or args[0] not in SUBCOMMANDS:
+        args = ["fit", *args]
+    defaults = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else []
+    return SVHNCLI(
+        DigitSequenceModel,
+        SVHNDataModule,
+        args=args,
+        save_config_callback=SaveConfigOnce,
+        parser_kwargs={sub: {"default_config_files": defaults} for sub in SUBCOMMANDS},
+        trainer_defaults={
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": "runs", "name": "svhn"}},
+        },
+    )
+
+
+def main() -> None:
+    build_cli()
+
+
+if __name__ == "__main__":
+    main()

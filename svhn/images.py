@@ -1,0 +1,148 @@
+"""Reading images, and a decode-once cache of resized images in a memory-mapped array.
+
+PNG decoding is the slowest part of the pipeline by far, so each image is decoded once,
+resized to the cache size and kept as uint8 in ``<cache_dir>/<split>_<H>x<W>.npy``. A
+manifest beside it records each file's name, byte size and modification time; when any of
+them changes the cache is rebuilt, so a stale cache is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+CACHE_VERSION = 1
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be decoded."""
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image of any mode (RGB, RGBA, grey, palette) into an RGB uint8 HWC array."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: empty (0-byte) image file; re-copy it from the dataset.")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ImageReadError(f"{path}: cannot decode image ({err}); re-copy it.") from None
+
+
+def read_resized(path: str | Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode and resize to ``size`` = (height, width); also return the original (w, h)."""
+    rgb = read_rgb(path)
+    original = (rgb.shape[1], rgb.shape[0])
+    height, width = size
+    resized = Image.fromarray(rgb).resize((width, height), Image.BILINEAR)
+    return np.asarray(resized), original
+
+
+def default_cache_dir(data_dir: str | Path, root: str | Path = "data/cache") -> Path:
+    """A writable cache folder per dataset (the dataset folder itself may be read-only)."""
+    key = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:10]
+    return Path(root) / f"{Path(data_dir).name}-{key}"
+
+
+def _fingerprint(paths: Sequence[Path]) -> list[list]:
+    stats = [p.stat() for p in paths]
+    return [[p.name, s.st_size, s.st_mtime_ns] for p, s in zip(paths, stats)]
+
+
+def _read_for_cache(args: tuple[Path, tuple[int, int]]) -> tuple[np.ndarray, tuple[int, int]]:
+    return read_resized(*args)
+
+
+class ImageCache:
+    """Resized uint8 copies of a list of image files, built once and memory-mapped after."""
+
+    def __init__(self, paths: Sequence[Path], size: tuple[int, int], cache_file: Path):
+        self.paths = [Path(p) for p in paths]
+        self.size = (int(size[0]), int(size[1]))
+        self.cache_file = Path(cache_file)
+        self.manifest_file = self.cache_file.with_suffix(".json")
+        self._array: np.ndarray | None = None
+        self._original_sizes: np.ndarray | None = None
+
+    def is_fresh(self) -> bool:
+        if not (self.cache_file.is_file() and self.manifest_file.is_file()):
+            return False
+        manifest = json.loads(self.manifest_file.read_text())
+        return (
+            manifest.get("version") == CACHE_VERSION
+            and manifest.get("size") == list(self.size)
+            and manifest.get("files") == _fingerprint(self.paths)
+        )
+
+    def build(self, num_workers: int = 0, desc: str = "caching images") -> None:
+        """Decode every image once into the cache (skipped when the cache is fresh)."""
+        if self.is_fresh():
+            return
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        height, width = self.size
+        tmp_file = self.cache_file.with_suffix(f".tmp{os.getpid()}.npy")
+        array = np.lib.format.open_memmap(
+            tmp_file, mode="w+", dtype=np.uint8, shape=(len(self.paths), height, width, 3)
+        )
+        originals = np.zeros((len(self.paths), 2), dtype=np.int64)
+        jobs = [(p, self.size) for p in self.paths]
+        progress = tqdm(total=len(jobs), desc=desc, unit="img", leave=False)
+        if num_workers > 0 and len(jobs) > 64:
+            with ProcessPoolExecutor(num_workers) as pool:
+                results = pool.map(_read_for_cache, jobs, chunksize=32)
+                for i, (img, original) in enumerate(results):
+                    array[i], originals[i] = img, original
+                    progress.update()
+        else:
+            for i, job in enumerate(jobs):
+                array[i], originals[i] = _read_for_cache(job)
+                progress.update()
+        progress.close()
+        array.flush()
+        del array
+        manifest = {
+            "version": CACHE_VERSION,
+            "size": list(self.size),
+            "files": _fingerprint(self.paths),
+            "original_sizes": originals.tolist(),
+        }
+        # Array first, manifest last: a cache without a matching manifest is never trusted.
+        os.replace(tmp_file, self.cache_file)
+        tmp_manifest = self.manifest_file.with_suffix(f".tmp{os.getpid()}")
+        tmp_manifest.write_text(json.dumps(manifest))
+        os.replace(tmp_manifest, self.manifest_file)
+
+    @property
+    def array(self) -> np.ndarray:
+        """(N, H, W, 3) uint8, memory-mapped; opened lazily so each worker maps it itself."""
+        if self._array is None:
+            if not self.is_fresh():
+                raise RuntimeError(f"{self.cache_file}: cache missing or stale; call build().")
+            self._array = np.load(self.cache_file, mmap_mode="r")
+        return self._array
+
+    @property
+    def original_sizes(self) -> np.ndarray:
+        """(N, 2) original (width, height) of each image, for scaling boxes."""
+        if self._original_sizes is None:
+            manifest = json.loads(self.manifest_file.read_text())
+            self._original_sizes = np.asarray(manifest["original_sizes"], dtype=np.int64)
+        return self._original_sizes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getstate__(self) -> dict:
+        # Workers re-open the memory map instead of receiving a pickled copy of the pixels.
+        state = self.__dict__.copy()
+        state["_array"] = None
+        return state

@@ -1,0 +1,225 @@
+"""The LightningModule: a swappable backbone feeding ``max_len`` parallel digit heads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from svhn.labels import BLANK, DEFAULT_MAX_LEN, NUM_CLASSES, canonical_predictions
+from svhn.models import create_backbone
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine", "onecycle", "step")
+
+
+class DigitHeads(nn.Module):
+    """``max_len`` independent classifiers over the same features -> (B, max_len, 11)."""
+
+    def __init__(self, num_features: int, max_len: int, hidden_dim: int = 0,
+                 dropout: float = 0.0):
+        super().__init__()
+        if hidden_dim > 0:
+            self.shared = nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, hidden_dim),
+                                        nn.ReLU(inplace=True))
+            num_features = hidden_dim
+        else:
+            self.shared = nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleList(nn.Linear(num_features, NUM_CLASSES) for _ in range(max_len))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(self.shared(features))
+        return torch.stack([head(hidden) for head in self.heads], dim=1)
+
+
+class SequenceMetrics(nn.Module):
+    """seq_acc (whole string right, as the competition scores it), char_acc, per position."""
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.seq_acc = MeanMetric()
+        self.char_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.pos_acc = nn.ModuleList(
+            MulticlassAccuracy(NUM_CLASSES, average="micro") for _ in range(max_len))
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        probs = logits.float().softmax(-1)
+        predicted = canonical_predictions(probs)
+        self.seq_acc.update((predicted == targets).all(dim=1).float())
+        classes = logits.argmax(-1)
+        self.char_acc.update(classes.flatten(), targets.flatten())
+        for position, metric in enumerate(self.pos_acc):
+            metric.update(classes[:, position], targets[:, position])
+
+    def loggable(self, stage: str) -> dict[str, object]:
+        out: dict[str, object] = {f"{stage}/seq_acc": self.seq_acc,
+                                  f"{stage}/char_acc": self.char_acc}
+        for position, metric in enumerate(self.pos_acc):
+            out[f"{stage}/pos{position}_acc"] = metric
+        return out
+
+
+class DigitSequenceModel(L.LightningModule):
+    """Reads a whole house number: backbone -> features -> max_len heads of 11 classes.
+
+    Args:
+        backbone: a classic name (simple_cnn, lenet5, alexnet, vgg, nin, googlenet) or any
+            timm model name (resnet18, resnet50, ...).
+        pretrained: ImageNet weights through timm (needs network).
+        pretrained_weights: a local weights file for the timm backbone (the offline way).
+        max_len: digit positions; must match the data module's.
+        hidden_dim: optional shared hidden layer before the heads (0 = none).
+        dropout: dropout before the heads.
+        label_smoothing: cross-entropy label smoothing.
+        box_head: also predict the box around the digits (normalised x0, y0, x1, y1);
+            used by two-pass "zoom" prediction.
+        box_loss_weight: weight of the box loss (smooth L1) against the digit loss.
+        optimizer: adam, adamw or sgd.
+        lr, weight_decay, momentum: optimiser settings (momentum for sgd).
+        scheduler: none, cosine (per step, to zero), onecycle, or step (x0.1 every
+            step_epochs).
+        step_epochs: epochs between decays for the step scheduler.
+        channels_last: channels-last memory format (faster convolutions on GPU).
+        compile: run the backbone through torch.compile.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "simple_cnn",
+        pretrained: bool = False,
+        pretrained_weights: str | None = None,
+        max_len: int = DEFAULT_MAX_LEN,
+        hidden_dim: int = 0,
+        dropout: float = 0.0,
+        label_smoothing: float = 0.0,
+        box_head: bool = False,
+        box_loss_weight: float = 1.0,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        scheduler: str = "none",
+        step_epochs: int = 10,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {optimizer!r}: choose one of {OPTIMIZERS}.")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {scheduler!r}: choose one of {SCHEDULERS}.")
+        self.save_hyperparameters()
+        self.backbone = create_backbone(backbone, pretrained, pretrained_weights)
+        features = self.backbone.num_features
+        self.heads = DigitHeads(features, max_len, hidden_dim, dropout)
+        self.box_regressor = nn.Linear(features, 4) if box_head else None
+        # ModuleDict keys cannot be "train" (an nn.Module attribute), hence the suffix.
+        self.metrics = nn.ModuleDict(
+            {f"{stage}_metrics": SequenceMetrics(max_len) for stage in ("train", "val", "test")})
+        self._compiled_backbone = None
+
+    @classmethod
+    def load_for_inference(cls, checkpoint: str | Path,
+                           map_location: str | torch.device = "cpu") -> DigitSequenceModel:
+        """Load a checkpoint with its own settings; pretrained weights come from the file."""
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint not found.")
+        model = cls.load_from_checkpoint(path, map_location=map_location, pretrained=False,
+                                         pretrained_weights=None, compile=False)
+        return model.eval()
+
+    # -- forward ------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.hparams.compile and self._compiled_backbone is None:
+            # Kept out of the module tree so checkpoints keep plain parameter names.
+            object.__setattr__(self, "_compiled_backbone", torch.compile(self.backbone))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        backbone = self._compiled_backbone or self.backbone
+        return backbone(images)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Returns ``logits`` (B, max_len, 11) and, with a box head, ``box`` (B, 4)."""
+        features = self.features(images)
+        out = {"logits": self.heads(features)}
+        if self.box_regressor is not None:
+            out["box"] = self.box_regressor(features).sigmoid()
+        return out
+
+    def on_fit_start(self) -> None:
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    # -- steps --------------------------------------------------------------------------
+    def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
+        out = self(batch["image"])
+        logits, targets = out["logits"], batch["target"]
+        loss = F.cross_entropy(logits.reshape(-1, NUM_CLASSES).float(), targets.reshape(-1),
+                               label_smoothing=self.hparams.label_smoothing)
+        batch_size = targets.shape[0]
+        if "box" in out:
+            box_loss = F.smooth_l1_loss(out["box"].float(), batch["box"], beta=0.05)
+            self.log(f"{stage}/box_loss", box_loss, batch_size=batch_size, sync_dist=True)
+            loss = loss + self.hparams.box_loss_weight * box_loss
+        metrics = self.metrics[f"{stage}_metrics"]
+        metrics.update(logits.detach(), targets)
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=batch_size,
+                 sync_dist=stage != "train")
+        for name, metric in metrics.loggable(stage).items():
+            self.log(name, metric, prog_bar=name.endswith("seq_acc"), batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """File names, per-position probabilities (B, max_len, 11) and boxes if predicted."""
+        out = self(batch["image"])
+        result = {"file_name": list(batch["file_name"]),
+                  "probs": out["logits"].float().softmax(-1)}
+        if "box" in out:
+            result["box"] = out["box"].float()
+        return result
+
+    # -- optimisation -------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum,
+                                        weight_decay=hp.weight_decay, nesterov=True)
+        elif hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "none":
+            return optimizer
+        if hp.scheduler == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.step_epochs, gamma=0.1)
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+        else:
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=hp.lr, total_steps=total_steps, pct_start=0.2)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+__all__ = ["BLANK", "DigitHeads", "DigitSequenceModel", "SequenceMetrics"]

@@ -36,6 +36,7 @@ SPLITS = {
     "val": ("mchar_val", "mchar_val.json"),
     "test_a": ("mchar_test_a", None),
 }
+SYNTHETIC_DIR = Path("data/synthetic")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DATA_HELP = (
     "Download the competition files (mchar_train.zip, mchar_train.json, mchar_val.zip, "
@@ -68,19 +69,27 @@ def _split_paths(data_dir: Path, split: str) -> tuple[Path, Path | None]:
     return data_dir / folder, (data_dir / labels) if labels else None
 
 
-def list_split(data_dir: str | Path, split: str, max_len: int | None = None) -> SplitFiles:
-    """Match a split's images with its labels, with a clear error for whatever is off."""
+def split_images(data_dir: str | Path, split: str) -> list[Path]:
+    """Every image file of a split's folder, in file-name order."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data folder not found. {DATA_HELP}")
-    image_dir, label_file = _split_paths(data_dir, split)
+    image_dir, _ = _split_paths(data_dir, split)
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: image folder for split {split!r} not found. {DATA_HELP}")
-    on_disk = {p.name: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DataError(f"{image_dir}: no images found for split {split!r}.")
+    return paths
+
+
+def list_split(data_dir: str | Path, split: str, max_len: int | None = None) -> SplitFiles:
+    """Match a split's images with its labels, with a clear error for whatever is off."""
+    image_paths = split_images(data_dir, split)
+    image_dir, label_file = _split_paths(Path(data_dir), split)
     if label_file is None:
-        if not on_disk:
-            raise DataError(f"{image_dir}: no images found for split {split!r}.")
-        return SplitFiles(split, [on_disk[n] for n in sorted(on_disk)], None)
+        return SplitFiles(split, image_paths, None)
+    on_disk = {p.name: p for p in image_paths}
 
     samples = load_labels(label_file)
     missing = [s.file_name for s in samples if s.file_name not in on_disk]
@@ -118,10 +127,13 @@ class DigitImageDataset(Dataset):
         self.max_len = max_len
         self.transform = build_transform(preset, image_size)
         self.names = [p.name for p in files.image_paths]
+        position = {p.name: i for i, p in enumerate(cache.paths)}
+        self.cache_index = np.array([position[name] for name in self.names], dtype=np.int64)
         if files.samples is not None:
             self.targets = torch.tensor([encode_label(s.digits, max_len) for s in files.samples])
             self.lengths = torch.tensor([len(s.digits) for s in files.samples])
-            self.boxes = _normalised_union_boxes(files.samples, cache.original_sizes)
+            self.boxes = _normalised_union_boxes(files.samples,
+                                                 cache.original_sizes[self.cache_index])
         else:
             self.targets = torch.full((len(self.names), max_len), -100, dtype=torch.long)
             self.lengths = torch.zeros(len(self.names), dtype=torch.long)
@@ -132,7 +144,7 @@ class DigitImageDataset(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int) -> dict:
-        out = self.transform(image=np.asarray(self.cache.array[index]),
+        out = self.transform(image=np.asarray(self.cache.array[self.cache_index[index]]),
                              bboxes=[self.boxes[index]], box_labels=[0])
         box = out["bboxes"][0] if len(out["bboxes"]) else np.array([0.0, 0.0, 1.0, 1.0])
         return {
@@ -237,7 +249,7 @@ class SVHNDataModule(L.LightningDataModule):
         path = Path(data_dir)
         if has_competition_data(path) or not fallback:
             return path
-        synthetic = Path("data/synthetic")
+        synthetic = SYNTHETIC_DIR
         message = (
             f"No competition data under {path.resolve()} (looked for mchar_train/ and "
             f"mchar_train.json). Training on a synthetic set in {synthetic} instead. To use "
@@ -249,9 +261,13 @@ class SVHNDataModule(L.LightningDataModule):
 
     # -- data on disk -------------------------------------------------------------------
     def _synthetic_needed(self) -> bool:
-        return (self.hparams.synthetic_fallback
-                and not has_competition_data(self.data_dir)
-                and self.data_dir == Path("data/synthetic"))
+        """The fallback set is generated once and reused while its size matches."""
+        if not self.hparams.synthetic_fallback or self.data_dir != SYNTHETIC_DIR:
+            return False
+        if not has_competition_data(self.data_dir):
+            return True
+        return len(list((self.data_dir / "mchar_train").glob("*.png"))) != \
+            self.hparams.synthetic_size
 
     def prepare_data(self) -> None:
         """Runs once per machine: generate the fallback set, decode images into the cache."""
@@ -260,28 +276,41 @@ class SVHNDataModule(L.LightningDataModule):
 
             generate_dataset(self.data_dir, n_train=self.hparams.synthetic_size, seed=0)
         for split in self._splits_in_use():
-            self._cache_for(self._files(split)).build(self.num_workers, desc=f"caching {split}")
+            self._cache_for(split).build(self.num_workers, desc=f"caching {split}")
 
     def _splits_in_use(self) -> list[str]:
-        splits = list(self.hparams.train_on) + [self.hparams.val_on, self.hparams.predict_on]
-        present = [s for s in dict.fromkeys(splits) if _split_paths(self.data_dir, s)[0].is_dir()]
-        return present
+        """Training and validation splits must exist; the predict split is cached if present."""
+        if self.trainer is not None and self.trainer.state.fn == "predict":
+            return [self.hparams.predict_on]
+        splits = [*self.hparams.train_on, self.hparams.val_on]
+        if _split_paths(self.data_dir, self.hparams.predict_on)[0].is_dir():
+            splits.append(self.hparams.predict_on)
+        return list(dict.fromkeys(splits))
 
     def _files(self, split: str) -> SplitFiles:
         max_len = self.hparams.max_len if SPLITS[split][1] else None
         return list_split(self.data_dir, split, max_len)
 
-    def _cache_for(self, files: SplitFiles) -> ImageCache:
+    def _cache_for(self, split: str) -> ImageCache:
+        """One cache per split holds every image of its folder, whatever the labels say."""
         height, width = self.cache_size
-        return ImageCache(files.image_paths, self.cache_size,
-                          self.cache_dir / f"{files.name}_{height}x{width}.npy")
+        return ImageCache(split_images(self.data_dir, split), self.cache_size,
+                          self.cache_dir / f"{split}_{height}x{width}.npy")
 
-    def dataset(self, split: str, preset: str = "none") -> DigitImageDataset:
-        """One split as a dataset with the given augmentation preset (cached per pair)."""
-        key = f"{split}:{preset}"
+    def dataset(self, split: str, preset: str = "none", labelled: bool = True
+                ) -> DigitImageDataset:
+        """One split as a dataset with the given augmentation preset (cached per pair).
+
+        ``labelled=False`` keeps every image of the split, labels or not: prediction must
+        write a row for each image, also those whose label is longer than max_len.
+        """
+        key = f"{split}:{preset}:{labelled}"
         if key not in self.datasets:
-            files = self._files(split)
-            cache = self._cache_for(files)
+            if labelled:
+                files = self._files(split)
+            else:
+                files = SplitFiles(split, split_images(self.data_dir, split), None)
+            cache = self._cache_for(split)
             if not cache.is_fresh():  # outside a Trainer nobody called prepare_data
                 cache.build(self.num_workers, desc=f"caching {split}")
             self.datasets[key] = DigitImageDataset(files, cache, preset, self.image_size,
@@ -295,7 +324,7 @@ class SVHNDataModule(L.LightningDataModule):
         if stage in ("fit", "validate", "test", None):
             self.val_set = self.dataset(self.hparams.val_on)
         if stage in ("predict", None):
-            self.predict_set = self.dataset(self.hparams.predict_on)
+            self.predict_set = self.dataset(self.hparams.predict_on, labelled=False)
 
     # -- loaders ------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool, sampler=None) -> DataLoader:

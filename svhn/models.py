@@ -175,15 +175,25 @@ def _timm_from_file(name: str, weights: Path) -> nn.Module:
             f"{weights}: pretrained weights file not found. Download the {name} ImageNet "
             "weights (e.g. timm's model page) and point pretrained_weights at the file."
         )
+    model = timm.create_model(name, pretrained=False, num_classes=0)
     try:
-        # timm strips the classifier and adapts the file to num_classes=0 for us.
-        return timm.create_model(name, pretrained=True, num_classes=0,
-                                 pretrained_cfg_overlay={"file": str(weights)})
-    except (RuntimeError, KeyError, ValueError, OSError) as err:
+        state = timm.models.load_state_dict(str(weights))  # .pth, .bin or .safetensors
+    except Exception as err:  # torch and safetensors raise many kinds
+        raise ValueError(f"{weights}: cannot read as a weights file ({err}).") from None
+    classifiers = model.pretrained_cfg.get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{c}." for c in
+                                                                      classifiers))}
+    try:
+        # Strict: a file made for another architecture must fail, not half-load.
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first_line = str(err).splitlines()[0]
         raise ValueError(
-            f"{weights}: cannot load as weights for timm model {name!r} ({err}). Check that "
-            "the file was made for this exact architecture."
+            f"{weights}: cannot load as weights for timm model {name!r} ({first_line}). "
+            "Check that the file was made for this exact architecture."
         ) from None
+    return model
 
 
 def describe_backbones(names: list[str], image_size: tuple[int, int]) -> list[dict]:

@@ -175,7 +175,8 @@ class DigitSequenceModel(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=batch_size,
                  sync_dist=stage != "train")
         for name, metric in metrics.loggable(stage).items():
-            self.log(name, metric, prog_bar=name.endswith("seq_acc"), batch_size=batch_size)
+            self.log(name, metric, prog_bar=name.endswith("seq_acc"), batch_size=batch_size,
+                     on_step=False, on_epoch=True)
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -1,0 +1,190 @@
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from svhn.data import DataError, SVHNDataModule, UnpaddedDistributedSampler, list_split
+from svhn.images import ImageCache, ImageReadError, read_rgb
+from svhn.labels import BLANK, load_labels
+
+
+def make_layout(root: Path, labels: dict[str, list[int]], split: str = "train",
+                size=(40, 20)) -> Path:
+    """A tiny competition layout: coloured images with one box per digit."""
+    folder = root / f"mchar_{split}"
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for i, (name, digits) in enumerate(labels.items()):
+        Image.new("RGB", size, (i * 40 % 255, 100, 50)).save(folder / name)
+        n = len(digits)
+        entries[name] = {"label": digits, "left": [5 + 10 * k for k in range(n)],
+                         "top": [2] * n, "width": [8] * n, "height": [15] * n}
+    (root / f"mchar_{split}.json").write_text(json.dumps(entries))
+    return root
+
+
+def datamodule(root, tmp_path, **kwargs):
+    kwargs.setdefault("num_workers", 0)
+    kwargs.setdefault("batch_size", 4)
+    return SVHNDataModule(str(root), cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+@pytest.fixture
+def small_layout(tmp_path):
+    root = tmp_path / "data"
+    make_layout(root, {"000000.png": [1, 9], "000001.png": [2], "000002.png": [3, 4, 5]})
+    make_layout(root, {"000000.png": [7], "000001.png": [8, 0]}, split="val")
+    (root / "mchar_test_a").mkdir()
+    for i in range(3):
+        Image.new("RGB", (30, 15)).save(root / "mchar_test_a" / f"{i:06d}.png")
+    return root
+
+
+def test_batches_carry_images_targets_lengths_boxes_and_names(small_layout, tmp_path):
+    dm = datamodule(small_layout, tmp_path, augment="baseline")
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (3, 3, 64, 128) and batch["image"].dtype == torch.float32
+    assert batch["target"].shape == (3, 5)
+    by_name = dict(zip(batch["file_name"], batch["target"].tolist()))
+    assert by_name["000000.png"] == [1, 9, BLANK, BLANK, BLANK]
+    assert sorted(batch["length"].tolist()) == [1, 2, 3]
+    assert ((batch["box"] >= 0) & (batch["box"] <= 1)).all()
+
+
+def test_eval_is_deterministic_and_boxes_match_labels(small_layout, tmp_path):
+    dm = datamodule(small_layout, tmp_path)
+    val = dm.dataset("val")
+    first, again = val[1], val[1]
+    assert torch.equal(first["image"], again["image"])
+    # 000001.png: 2 digits, left 5..23 of 40 px, top 2..17 of 20 px.
+    assert torch.allclose(first["box"], torch.tensor([5 / 40, 2 / 20, 23 / 40, 17 / 20]))
+
+
+def test_train_on_train_and_val_is_one_setting(small_layout, tmp_path):
+    dm = datamodule(small_layout, tmp_path, train_on=("train", "val"))
+    dm.setup("fit")
+    assert len(dm.train_set) == 5
+
+
+def test_predict_split_has_names_and_no_targets(small_layout, tmp_path):
+    dm = datamodule(small_layout, tmp_path)
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["file_name"] == ["000000.png", "000001.png", "000002.png"]
+    assert (batch["length"] == 0).all()
+
+
+def test_long_labels_left_out_with_warning_unless_max_len_allows(tmp_path):
+    root = make_layout(tmp_path / "d", {"a.png": [1, 2, 3, 4, 5, 6], "b.png": [1]})
+    with pytest.warns(UserWarning, match="left out 1 image"):
+        assert len(list_split(root, "train", max_len=5).samples) == 1
+    assert len(list_split(root, "train", max_len=6).samples) == 2
+
+
+def test_any_image_mode_becomes_rgb(tmp_path):
+    for mode in ("RGBA", "L", "P", "RGB"):
+        Image.new(mode, (9, 7)).save(tmp_path / f"{mode}.png")
+        assert read_rgb(tmp_path / f"{mode}.png").shape == (7, 9, 3)
+
+
+def test_missing_data_dir_and_split_are_clear_errors(tmp_path, small_layout):
+    with pytest.raises(DataError, match="data folder not found.*Download"):
+        list_split(tmp_path / "nowhere", "train")
+    os.rename(small_layout / "mchar_val", small_layout / "moved")
+    with pytest.raises(DataError, match="mchar_val: image folder for split 'val' not found"):
+        list_split(small_layout, "val")
+    with pytest.raises(DataError, match="unknown split"):
+        list_split(small_layout, "test_b")
+
+
+def test_listed_but_missing_images_give_count_and_names(small_layout):
+    (small_layout / "mchar_train" / "000001.png").unlink()
+    (small_layout / "mchar_train" / "000002.png").unlink()
+    with pytest.raises(DataError, match=r"2 labelled image\(s\) are missing.*000001\.png"):
+        list_split(small_layout, "train")
+
+
+def test_unlabelled_images_are_warned_and_ignored(small_layout):
+    Image.new("RGB", (5, 5)).save(small_layout / "mchar_train" / "extra.png")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) have no entry.*extra\.png"):
+        files = list_split(small_layout, "train")
+    assert "extra.png" not in [p.name for p in files.image_paths]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a png at all"])
+def test_corrupt_or_empty_image_names_the_file(small_layout, tmp_path, content):
+    bad = small_layout / "mchar_train" / "000001.png"
+    bad.write_bytes(content)
+    dm = datamodule(small_layout, tmp_path)
+    with pytest.raises(ImageReadError, match=str(bad)):
+        dm.prepare_data()
+
+
+def test_cache_is_reused_and_rebuilt_when_a_file_changes(small_layout, tmp_path):
+    files = list_split(small_layout, "train")
+    cache = ImageCache(files.image_paths, (8, 16), tmp_path / "c" / "train_8x16.npy")
+    assert not cache.is_fresh()
+    cache.build()
+    assert cache.is_fresh()
+    assert cache.array.shape == (3, 8, 16, 3)
+    assert cache.original_sizes.tolist() == [[40, 20]] * 3
+    Image.new("RGB", (40, 21), (255, 255, 255)).save(files.image_paths[0])
+    assert not ImageCache(files.image_paths, (8, 16), cache.cache_file).is_fresh()
+    rebuilt = ImageCache(files.image_paths, (8, 16), cache.cache_file)
+    rebuilt.build()
+    assert rebuilt.array[0].min() == 255
+
+
+def test_unpadded_sampler_sees_each_item_exactly_once():
+    data = list(range(11))
+    seen = [i for rank in range(3) for i in UnpaddedDistributedSampler(data, 3, rank)]
+    assert sorted(seen) == data
+
+
+def test_synthetic_fallback_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    dm = SVHNDataModule("no_such_dir", synthetic_fallback=True, synthetic_size=8,
+                        num_workers=0)
+    assert "No competition data under" in capsys.readouterr().out
+    dm.prepare_data()
+    assert len(list(Path("data/synthetic/mchar_train").glob("*.png"))) == 8
+    stamp = Path("data/synthetic/mchar_train.json").stat().st_mtime_ns
+    SVHNDataModule("no_such_dir", synthetic_fallback=True, synthetic_size=8,
+                   num_workers=0).prepare_data()
+    assert Path("data/synthetic/mchar_train.json").stat().st_mtime_ns == stamp  # made once
+
+
+def test_missing_data_without_fallback_is_an_error(tmp_path):
+    dm = SVHNDataModule(str(tmp_path / "none"), num_workers=0)
+    with pytest.raises(DataError, match="data folder not found"):
+        dm.prepare_data()
+
+
+@pytest.mark.real_data
+def test_real_data_loads_every_image_and_matches_label_statistics(tmp_path):
+    root = os.environ.get("SVHN_DATA_DIR")
+    if not root:
+        pytest.skip("SVHN_DATA_DIR is not set (point it at the competition layout)")
+    dm = SVHNDataModule(root, cache_dir=str(tmp_path / "cache"), num_workers=2,
+                        batch_size=256, augment="none")
+    dm.prepare_data()
+    for split in ("train", "val", "test_a"):
+        dataset = dm.dataset(split)
+        names, lengths = [], []
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=512, num_workers=2):
+            assert torch.isfinite(batch["image"]).all()
+            names += batch["file_name"]
+            lengths += batch["length"].tolist()
+        on_disk = sorted(p.name for p in (Path(root) / f"mchar_{split}").glob("*.png"))
+        assert names == on_disk
+        if split != "test_a":
+            samples = load_labels(Path(root) / f"mchar_{split}.json")
+            assert lengths == [len(s.digits) for s in samples]
+            counts = np.bincount(lengths)
+            assert counts.sum() == len(samples)

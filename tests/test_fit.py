@@ -1,0 +1,133 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+
+from svhn.data import SVHNDataModule
+from svhn.fit import build_cli
+from svhn.module import DigitSequenceModel
+from svhn.synthetic import generate_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def one_digit_data(tmp_path_factory):
+    """Single digits: a model that learns anything clearly beats chance (0.1) here.
+
+    95 validation images: not divisible by 2 processes, so padding would show under DDP.
+    """
+    root = tmp_path_factory.mktemp("one_digit")
+    return generate_dataset(root, n_train=600, n_val=95, n_test=10, seed=1, max_digits=1)
+
+
+def fit_args(data_dir, tmp_path, *extra: str) -> list[str]:
+    return [
+        "--data.data_dir", str(data_dir), "--data.cache_dir", str(tmp_path / "cache"),
+        "--data.num_workers", "0", "--data.image_size", "[32, 64]", "--data.batch_size", "32",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.enable_progress_bar", "false", *extra,
+    ]
+
+
+def metrics_of(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "metrics.csv")
+
+
+def test_fast_dev_run(one_digit_data, tmp_path):
+    cli = build_cli(fit_args(one_digit_data, tmp_path, "--trainer.fast_dev_run", "true"))
+    assert cli.trainer.state.finished
+
+
+def test_short_fit_learns_well_above_chance(one_digit_data, tmp_path, capsys):
+    cli = build_cli(fit_args(one_digit_data, tmp_path, "--trainer.max_epochs", "6",
+                             "--model.backbone", "vgg", "--data.augment", "none",
+                             "--data.max_len", "2"))
+    best = float(cli.trainer.checkpoint_callback.best_model_score)
+    assert best > 0.3, f"val/seq_acc {best} is not clearly above chance (0.1)"
+    out = capsys.readouterr().out
+    assert "Best val/seq_acc" in out and "python -m svhn.predict" in out
+
+
+def test_resume_from_last_continues_the_same_run(one_digit_data, tmp_path):
+    first = build_cli(fit_args(one_digit_data, tmp_path, "--trainer.max_epochs", "1",
+                               "--trainer.limit_train_batches", "2"))
+    run_dir = Path(first.trainer.log_dir)
+    original_config = (run_dir / "config.yaml").read_text()
+    resumed = build_cli(fit_args(one_digit_data, tmp_path, "--trainer.max_epochs", "2",
+                                 "--trainer.limit_train_batches", "2", "--ckpt_path", "last"))
+    assert Path(resumed.trainer.log_dir) == run_dir
+    assert resumed.trainer.current_epoch == 2
+    assert sorted(metrics_of(run_dir)["epoch"].dropna().unique()) == [0, 1]
+    assert (run_dir / "config.yaml").read_text() == original_config  # never overwritten
+    assert (run_dir / "config_resumed_1.yaml").is_file()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+
+
+def test_resume_last_without_a_run_is_a_clear_error(one_digit_data, tmp_path):
+    with pytest.raises(SystemExit, match="no run with a last.ckpt"):
+        build_cli(fit_args(one_digit_data, tmp_path, "--ckpt_path", "last"))
+
+
+def run_module(args: list[str], cwd: Path, env: dict | None = None,
+               timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_cli_default_config_falls_back_to_synthetic_data(tmp_path):
+    env = {"PYTHONPATH": str(REPO)}
+    result = run_module(["svhn.fit", "--config", str(REPO / "configs/default.yaml"),
+                         "--data.synthetic_size", "64", "--trainer.max_epochs", "1",
+                         "--data.num_workers", "0", "--trainer.enable_progress_bar", "false"],
+                        cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "No competition data under" in result.stdout
+    assert "Best val/seq_acc" in result.stdout
+    assert (tmp_path / "data/synthetic/mchar_train.json").is_file()
+    assert list((tmp_path / "runs/default").glob("version_0/checkpoints/last.ckpt"))
+    assert "backbone: simple_cnn" in (tmp_path / "runs/default/version_0/config.yaml").read_text()
+
+
+def test_print_config_shows_merged_settings(tmp_path):
+    result = run_module(["svhn.fit", "--config", str(REPO / "configs/resnet18.yaml"),
+                         "--print_config"], cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "backbone: resnet18" in result.stdout and "monitor: val/seq_acc" in result.stdout
+
+
+def test_wandb_offline_run_writes_local_files(one_digit_data, tmp_path):
+    args = ["svhn.fit", "--config", str(REPO / "configs/wandb.yaml"),
+            *fit_args(one_digit_data, tmp_path, "--trainer.max_epochs", "1",
+                      "--trainer.limit_train_batches", "2")]
+    result = run_module(args, cwd=tmp_path, env={"WANDB_MODE": "offline",
+                                                 "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert runs and list(runs[0].glob("run-*.wandb"))
+    assert list((tmp_path / "runs" / "svhn").glob("*/checkpoints/last.ckpt"))
+
+
+def test_ddp_two_cpu_processes_count_each_val_image_once(one_digit_data, tmp_path):
+    args = ["svhn.fit", *fit_args(one_digit_data, tmp_path, "--trainer.max_epochs", "3",
+                                  "--model.lr", "0.01", "--data.max_len", "2",
+                                  "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                                  "--trainer.strategy", "ddp")]
+    result = run_module(args, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "default" / "version_0"
+    logged = metrics_of(run_dir)["val/seq_acc"].dropna().iloc[-1]
+
+    model = DigitSequenceModel.load_for_inference(run_dir / "checkpoints" / "last.ckpt")
+    data = SVHNDataModule(str(one_digit_data), image_size=(32, 64), max_len=2, num_workers=0,
+                          cache_dir=str(tmp_path / "cache"))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False)
+    single = trainer.validate(model, datamodule=data, verbose=False)[0]["val/seq_acc"]
+    assert logged == pytest.approx(single, abs=1e-6)
+    assert 0 < single < 1  # a value that duplicated or dropped images would change

@@ -1,0 +1,62 @@
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from svhn.models import TIMM_EXAMPLES, available_backbones, create_backbone
+
+
+@pytest.mark.parametrize("name", available_backbones())
+@pytest.mark.parametrize("size", [(64, 128), (40, 90)])
+def test_classic_backbones_map_any_size_to_flat_features(name, size):
+    model = create_backbone(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, model.num_features)
+
+
+def test_every_classic_cnn_of_the_design_is_registered():
+    assert set(available_backbones()) >= {"simple_cnn", "lenet5", "alexnet", "vgg", "nin",
+                                          "googlenet"}
+
+
+@pytest.mark.parametrize("name", TIMM_EXAMPLES)
+def test_timm_backbones_are_feature_extractors(name):
+    model = create_backbone(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 128))
+    assert out.shape == (1, model.num_features)
+
+
+def test_local_pretrained_weights_are_loaded(tmp_path):
+    reference = timm.create_model("resnet18", num_classes=1000)
+    torch.nn.init.constant_(reference.conv1.weight, 0.123)
+    weights = tmp_path / "resnet18_imagenet.pth"
+    torch.save(reference.state_dict(), weights)
+    model = create_backbone("resnet18", pretrained_weights=str(weights))
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+    assert model.num_features == 512
+
+
+def test_missing_or_wrong_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        create_backbone("resnet18", pretrained_weights=str(tmp_path / "none.pth"))
+    wrong = tmp_path / "vgg.pth"
+    torch.save(timm.create_model("resnet34").state_dict(), wrong)
+    with pytest.raises(ValueError, match=f"{wrong}: cannot load as weights"):
+        create_backbone("resnet18", pretrained_weights=str(wrong))
+
+
+def test_unknown_backbone_and_pretrained_classic_are_errors():
+    with pytest.raises(ValueError, match="unknown backbone 'resnet_nope'"):
+        create_backbone("resnet_nope")
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        create_backbone("simple_cnn", pretrained=True)
+
+
+def test_models_cli_prints_the_table():
+    out = subprocess.run([sys.executable, "-m", "svhn.models", "--timm", "resnet18"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "simple_cnn" in out and "resnet18" in out and "(1, 512)" in out

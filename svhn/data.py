@@ -216,6 +216,10 @@ class SVHNDataModule(L.LightningDataModule):
         synthetic_fallback: when data_dir has no competition data, generate a synthetic
             set under data/synthetic and use it (the embedded default of svhn.fit).
         synthetic_size: number of synthetic training images for that fallback.
+        extra_train: more folders in the competition layout whose train split joins
+            training (e.g. a set made with ``python -m svhn.synthetic``).
+        synthetic_extra: generate this many synthetic images once (under
+            data/synthetic_extra_<n>) and train on them beside the real ones.
     """
 
     def __init__(
@@ -233,6 +237,8 @@ class SVHNDataModule(L.LightningDataModule):
         cache_scale: float = 1.0,
         synthetic_fallback: bool = False,
         synthetic_size: int = 2000,
+        extra_train: tuple[str, ...] = (),
+        synthetic_extra: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -243,6 +249,9 @@ class SVHNDataModule(L.LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(self.data_dir)
         self.datasets: dict[str, DigitImageDataset] = {}
+        self.extra_train_dirs = [Path(d) for d in extra_train]
+        if synthetic_extra > 0:
+            self.extra_train_dirs.append(Path(f"data/synthetic_extra_{synthetic_extra}"))
 
     @staticmethod
     def _resolve_data_dir(data_dir: str, fallback: bool, size: int) -> Path:
@@ -270,13 +279,21 @@ class SVHNDataModule(L.LightningDataModule):
             self.hparams.synthetic_size
 
     def prepare_data(self) -> None:
-        """Runs once per machine: generate the fallback set, decode images into the cache."""
-        if self._synthetic_needed():
-            from svhn.synthetic import generate_dataset
+        """Runs once per machine: generate synthetic sets, decode images into the caches."""
+        from svhn.synthetic import generate_dataset
 
+        if self._synthetic_needed():
             generate_dataset(self.data_dir, n_train=self.hparams.synthetic_size, seed=0)
+        extra = self.hparams.synthetic_extra
+        if extra > 0 and not has_competition_data(self.extra_train_dirs[-1]):
+            # Seed 1: never the same images as the seed-0 fallback set.
+            generate_dataset(self.extra_train_dirs[-1], n_train=extra, n_val=1, n_test=1,
+                             seed=1, progress=True)
         for split in self._splits_in_use():
             self._cache_for(split).build(self.num_workers, desc=f"caching {split}")
+        if self.trainer is None or self.trainer.state.fn == "fit":
+            for root in self.extra_train_dirs:
+                self._cache_for("train", root).build(self.num_workers, desc=f"caching {root}")
 
     def _splits_in_use(self) -> list[str]:
         """Training and validation splits must exist; the predict split is cached if present."""
@@ -287,30 +304,35 @@ class SVHNDataModule(L.LightningDataModule):
             splits.append(self.hparams.predict_on)
         return list(dict.fromkeys(splits))
 
-    def _files(self, split: str) -> SplitFiles:
+    def _files(self, split: str, root: Path) -> SplitFiles:
         max_len = self.hparams.max_len if SPLITS[split][1] else None
-        return list_split(self.data_dir, split, max_len)
+        return list_split(root, split, max_len)
 
-    def _cache_for(self, split: str) -> ImageCache:
+    def _cache_for(self, split: str, root: Path | None = None) -> ImageCache:
         """One cache per split holds every image of its folder, whatever the labels say."""
+        root = root or self.data_dir
+        folder = self.cache_dir if root == self.data_dir else (
+            self.cache_dir / default_cache_dir(root).name)
         height, width = self.cache_size
-        return ImageCache(split_images(self.data_dir, split), self.cache_size,
-                          self.cache_dir / f"{split}_{height}x{width}.npy")
+        return ImageCache(split_images(root, split), self.cache_size,
+                          folder / f"{split}_{height}x{width}.npy")
 
-    def dataset(self, split: str, preset: str = "none", labelled: bool = True
-                ) -> DigitImageDataset:
+    def dataset(self, split: str, preset: str = "none", labelled: bool = True,
+                root: Path | None = None) -> DigitImageDataset:
         """One split as a dataset with the given augmentation preset (cached per pair).
 
         ``labelled=False`` keeps every image of the split, labels or not: prediction must
         write a row for each image, also those whose label is longer than max_len.
+        ``root`` reads the split from another folder in the competition layout.
         """
-        key = f"{split}:{preset}:{labelled}"
+        root = root or self.data_dir
+        key = f"{root}:{split}:{preset}:{labelled}"
         if key not in self.datasets:
             if labelled:
-                files = self._files(split)
+                files = self._files(split, root)
             else:
-                files = SplitFiles(split, split_images(self.data_dir, split), None)
-            cache = self._cache_for(split)
+                files = SplitFiles(split, split_images(root, split), None)
+            cache = self._cache_for(split, root)
             if not cache.is_fresh():  # outside a Trainer nobody called prepare_data
                 cache.build(self.num_workers, desc=f"caching {split}")
             self.datasets[key] = DigitImageDataset(files, cache, preset, self.image_size,
@@ -319,8 +341,10 @@ class SVHNDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None):
+            preset = self.hparams.augment
             self.train_set = ConcatDataset(
-                [self.dataset(s, self.hparams.augment) for s in self.hparams.train_on])
+                [self.dataset(s, preset) for s in self.hparams.train_on]
+                + [self.dataset("train", preset, root=root) for root in self.extra_train_dirs])
         if stage in ("fit", "validate", "test", None):
             self.val_set = self.dataset(self.hparams.val_on)
         if stage in ("predict", None):

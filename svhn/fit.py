@@ -38,6 +38,21 @@ class SaveConfigOnce(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """Keeps the best checkpoint and a ``last.ckpt`` written after EVERY validation.
+
+    Lightning's own ``save_last`` only refreshes last.ckpt when a top-k checkpoint was just
+    saved, so after an epoch that did not improve, last.ckpt would hold an older epoch and
+    ``--ckpt_path last`` would silently resume from the past.
+    """
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
+                and self._last_global_step_saved != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
     """The newest ``<save_dir>/<name>/<version>/checkpoints/last.ckpt``, if any."""
     found = sorted(Path(save_dir, name).glob("*/checkpoints/last.ckpt"),
@@ -47,7 +62,7 @@ def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
 
 class SVHNCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/seq_acc",
             "checkpoint.mode": "max",
@@ -112,7 +127,7 @@ def build_cli(args: list[str] | None = None) -> SVHNCLI:
         save_config_callback=SaveConfigOnce,
         parser_kwargs={sub: {"default_config_files": defaults} for sub in SUBCOMMANDS},
         trainer_defaults={
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+            "logger": {"class_path": "svhn.loggers.ResumableCSVLogger",
                        "init_args": {"save_dir": "runs", "name": "svhn"}},
         },
     )

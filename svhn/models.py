@@ -30,16 +30,35 @@ def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]
 
 
 class FeatureBackbone(nn.Module):
-    """A convolutional body followed by global pooling to a flat feature vector."""
+    """A convolutional body followed by pooling to a small grid, flattened.
 
-    def __init__(self, body: nn.Module, num_features: int, pool: tuple[int, int] = (1, 1)):
+    A (1, 1) grid is global pooling; a wider grid keeps where things are, which a box
+    head needs and which the digit heads can use (the k-th digit sits left of the k+1-th).
+    """
+
+    def __init__(self, body: nn.Module, channels: int, pool: tuple[int, int] = (1, 1)):
         super().__init__()
         self.body = body
-        self.pool = nn.AdaptiveAvgPool2d(pool)
-        self.num_features = num_features * pool[0] * pool[1]
+        self.channels = channels
+        self.set_grid(pool)
+
+    def set_grid(self, grid: tuple[int, int]) -> None:
+        self.pool = nn.AdaptiveAvgPool2d(tuple(grid))
+        self.num_features = self.channels * grid[0] * grid[1]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.body(images)), 1)
+
+
+class TimmFeatureMaps(nn.Module):
+    """A timm model's feature maps (B, C, h, w), before its own pooling."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(images)
 
 
 def conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -147,26 +166,36 @@ def available_backbones() -> list[str]:
 
 
 def create_backbone(
-    name: str, pretrained: bool = False, pretrained_weights: str | None = None
+    name: str, pretrained: bool = False, pretrained_weights: str | None = None,
+    feature_grid: tuple[int, int] | None = None,
 ) -> nn.Module:
     """Build a backbone by name; the result has ``num_features``.
 
     ``pretrained`` loads ImageNet weights through timm (needs network); ``pretrained_weights``
     loads a local weights file (a state dict saved with ``torch.save`` or safetensors) into a
     timm model: the offline way. Classic backbones have no pretrained weights.
+    ``feature_grid`` pools the last feature maps to that (rows, columns) grid instead of the
+    backbone's own pooling (timm CNNs and classic backbones).
     """
     if name in CLASSIC_BACKBONES:
         if pretrained or pretrained_weights:
             raise ValueError(f"backbone {name!r} has no pretrained weights; use a timm name.")
-        return CLASSIC_BACKBONES[name]()
+        backbone = CLASSIC_BACKBONES[name]()
+        if feature_grid:
+            backbone.set_grid(feature_grid)
+        return backbone
     if not timm.is_model(name):
         raise ValueError(
             f"unknown backbone {name!r}: not one of {available_backbones()} nor a timm model "
             "name (see timm.list_models())."
         )
     if pretrained_weights:
-        return _timm_from_file(name, Path(pretrained_weights))
-    return timm.create_model(name, pretrained=pretrained, num_classes=0)
+        model = _timm_from_file(name, Path(pretrained_weights))
+    else:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+    if not feature_grid:
+        return model
+    return FeatureBackbone(TimmFeatureMaps(model), model.num_features, tuple(feature_grid))
 
 
 def _timm_from_file(name: str, weights: Path) -> nn.Module:

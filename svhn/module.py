@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+from torchvision.ops import roi_align
 
 from svhn.labels import BLANK, DEFAULT_MAX_LEN, NUM_CLASSES, canonical_predictions
 from svhn.models import create_backbone
@@ -77,9 +78,16 @@ class DigitSequenceModel(L.LightningModule):
         hidden_dim: optional shared hidden layer before the heads (0 = none).
         dropout: dropout before the heads.
         label_smoothing: cross-entropy label smoothing.
-        box_head: also predict the box around the digits (normalised x0, y0, x1, y1);
-            used by two-pass "zoom" prediction.
+        feature_grid: pool the backbone's last feature maps to this (rows, cols) grid
+            instead of its own pooling; keeps position for the box head. None = backbone's.
+        box_head: also predict the box around the digits (normalised x0, y0, x1, y1).
         box_loss_weight: weight of the box loss (smooth L1) against the digit loss.
+        zoom: with a box head, read twice when evaluating: once on the whole image to find
+            the digits, then again on a crop around the predicted box (train with the
+            ``zoom`` augmentation so such crops are familiar).
+        zoom_margin: the crop extends the predicted box by this fraction of its size on
+            every side.
+        init_from: start from the weights of this checkpoint (fine-tuning), not a resume.
         optimizer: adam, adamw or sgd.
         lr, weight_decay, momentum: optimiser settings (momentum for sgd).
         scheduler: none, cosine (per step, to zero), onecycle, or step (x0.1 every
@@ -98,8 +106,12 @@ class DigitSequenceModel(L.LightningModule):
         hidden_dim: int = 0,
         dropout: float = 0.0,
         label_smoothing: float = 0.0,
+        feature_grid: tuple[int, int] | None = None,
         box_head: bool = False,
         box_loss_weight: float = 1.0,
+        zoom: bool = False,
+        zoom_margin: float = 0.15,
+        init_from: str | None = None,
         optimizer: str = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -115,10 +127,15 @@ class DigitSequenceModel(L.LightningModule):
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler {scheduler!r}: choose one of {SCHEDULERS}.")
         self.save_hyperparameters()
-        self.backbone = create_backbone(backbone, pretrained, pretrained_weights)
+        if zoom and not box_head:
+            raise ValueError("zoom needs box_head: true (the box says where to zoom).")
+        self.backbone = create_backbone(backbone, pretrained, pretrained_weights, feature_grid)
         features = self.backbone.num_features
         self.heads = DigitHeads(features, max_len, hidden_dim, dropout)
         self.box_regressor = nn.Linear(features, 4) if box_head else None
+        self.first_pass_seq_acc = MeanMetric() if zoom else None
+        if init_from:
+            self._load_weights(init_from)
         # ModuleDict keys cannot be "train" (an nn.Module attribute), hence the suffix.
         self.metrics = nn.ModuleDict(
             {f"{stage}_metrics": SequenceMetrics(max_len) for stage in ("train", "val", "test")})
@@ -132,8 +149,22 @@ class DigitSequenceModel(L.LightningModule):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: checkpoint not found.")
         model = cls.load_from_checkpoint(path, map_location=map_location, pretrained=False,
-                                         pretrained_weights=None, compile=False)
+                                         pretrained_weights=None, compile=False,
+                                         init_from=None)
         return model.eval()
+
+    def _load_weights(self, checkpoint: str) -> None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: init_from checkpoint not found.")
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        own = self.state_dict()
+        # Heads may differ (another max_len); load every tensor whose name and shape match.
+        matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not any(k.startswith("backbone.") for k in matching):
+            raise ValueError(f"{path}: no backbone weights match backbone "
+                             f"{self.hparams.backbone!r}; was it trained with another one?")
+        self.load_state_dict(matching, strict=False)
 
     # -- forward ------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -147,13 +178,23 @@ class DigitSequenceModel(L.LightningModule):
         backbone = self._compiled_backbone or self.backbone
         return backbone(images)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Returns ``logits`` (B, max_len, 11) and, with a box head, ``box`` (B, 4)."""
+    def read(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One pass: ``logits`` (B, max_len, 11) and, with a box head, ``box`` (B, 4)."""
         features = self.features(images)
         out = {"logits": self.heads(features)}
         if self.box_regressor is not None:
             out["box"] = self.box_regressor(features).sigmoid()
         return out
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Like ``read``; with ``zoom`` outside training, the logits come from a second read
+        of the crop around the predicted box (``first_pass_logits`` keeps the first)."""
+        out = self.read(images)
+        if not self.hparams.zoom or self.training:
+            return out
+        crops = crop_boxes(images, out["box"], self.hparams.zoom_margin)
+        return {"logits": self.read(crops)["logits"], "box": out["box"],
+                "first_pass_logits": out["logits"]}
 
     def on_fit_start(self) -> None:
         if self.hparams.channels_last:
@@ -172,6 +213,11 @@ class DigitSequenceModel(L.LightningModule):
             loss = loss + self.hparams.box_loss_weight * box_loss
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits.detach(), targets)
+        if "first_pass_logits" in out:  # how much the zoom adds, in the same run
+            first = canonical_predictions(out["first_pass_logits"].float().softmax(-1))
+            self.first_pass_seq_acc.update((first == targets).all(dim=1).float())
+            self.log(f"{stage}/first_pass_seq_acc", self.first_pass_seq_acc,
+                     batch_size=batch_size, on_step=False, on_epoch=True)
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=batch_size,
                  sync_dist=stage != "train")
         for name, metric in metrics.loggable(stage).items():
@@ -223,4 +269,20 @@ class DigitSequenceModel(L.LightningModule):
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-__all__ = ["BLANK", "DigitHeads", "DigitSequenceModel", "SequenceMetrics"]
+def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, margin: float,
+               min_size: float = 0.1) -> torch.Tensor:
+    """Crop each image around its normalised (x0, y0, x1, y1) box, grown by ``margin`` of
+    its size per side, and resample the crop to the full input size (bilinear)."""
+    height, width = images.shape[-2:]
+    boxes = boxes.detach().float()
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=min_size) * (1 + 2 * margin)
+    corners = torch.cat([centre - size / 2, centre + size / 2], dim=1).clamp(0, 1)
+    scale = torch.tensor([width, height, width, height], device=images.device)
+    index = torch.arange(len(images), device=images.device, dtype=torch.float32)[:, None]
+    rois = torch.cat([index, corners * scale], dim=1).to(images.dtype)
+    return roi_align(images, rois, output_size=(height, width), spatial_scale=1.0,
+                     sampling_ratio=2, aligned=True)
+
+
+__all__ = ["BLANK", "DigitHeads", "DigitSequenceModel", "SequenceMetrics", "crop_boxes"]

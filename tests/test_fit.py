@@ -55,12 +55,15 @@ def test_short_fit_learns_well_above_chance(one_digit_data, tmp_path, capsys):
 
 
 def test_resume_from_last_continues_the_same_run(one_digit_data, tmp_path):
+    # A schedule is sized for the run's max_epochs; resuming continues the same schedule.
     first = build_cli(fit_args(one_digit_data, tmp_path, "--trainer.max_epochs", "1",
-                               "--trainer.limit_train_batches", "2"))
+                               "--trainer.limit_train_batches", "2",
+                               "--model.scheduler", "none"))
     run_dir = Path(first.trainer.log_dir)
     original_config = (run_dir / "config.yaml").read_text()
     resumed = build_cli(fit_args(one_digit_data, tmp_path, "--trainer.max_epochs", "2",
-                                 "--trainer.limit_train_batches", "2", "--ckpt_path", "last"))
+                                 "--trainer.limit_train_batches", "2",
+                                 "--model.scheduler", "none", "--ckpt_path", "last"))
     assert Path(resumed.trainer.log_dir) == run_dir
     assert resumed.trainer.current_epoch == 2
     assert sorted(metrics_of(run_dir)["epoch"].dropna().unique()) == [0, 1]
@@ -76,16 +79,16 @@ def test_resume_last_without_a_run_is_a_clear_error(one_digit_data, tmp_path):
 
 def run_module(args: list[str], cwd: Path, env: dict | None = None,
                timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          text=True, timeout=timeout, env=env)
 
 
 def test_cli_default_config_falls_back_to_synthetic_data(tmp_path):
-    env = {"PYTHONPATH": str(REPO)}
     result = run_module(["svhn.fit", "--config", str(REPO / "configs/default.yaml"),
                          "--data.synthetic_size", "64", "--trainer.max_epochs", "1",
                          "--data.num_workers", "0", "--trainer.enable_progress_bar", "false"],
-                        cwd=tmp_path, env=env)
+                        cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "No competition data under" in result.stdout
     assert "Best val/seq_acc" in result.stdout

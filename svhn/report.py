@@ -1,0 +1,304 @@
+"""Error-analysis report: ``python -m svhn.report --ckpt_path CKPT --out DIR``.
+
+Predicts a labelled split (``--split val``) with the checkpoint and writes PNG figures
+(confusion, accuracy by length and position, the most confident mistakes, training curves)
+and a ``report.md`` that embeds them and states the numbers. ``--data_figures`` adds the data
+exploration figures (label lengths, digits, image sizes, boxes, samples, augmentations).
+
+It also finds the inputs the notebooks use, so they run from any folder:
+- data: ``--data_dir``, else ``SVHN_DATA_DIR``, else the checkpoint's own data folder, else
+  ``data/mchar``, else ``data/synthetic`` (svhn.fit's fallback), else a small synthetic set
+  generated into ``data/synthetic_small``;
+- checkpoint: ``SVHN_CKPT``, else the newest ``runs/*/version_*/checkpoints/*.ckpt`` that is
+  not ``last.ckpt``, else a tiny model trained on synthetic data;
+- cache: ``SVHN_CACHE_DIR`` (one sub-folder per dataset), else ``data/cache``; never inside
+  the dataset, which may be read-only.
+Relative paths are tried against the working directory, then the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from unittest import mock
+
+import pandas as pd
+
+from svhn import analysis, plots
+from svhn.data import has_competition_data
+from svhn.images import default_cache_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SYNTHETIC_SMALL = REPO_ROOT / "data" / "synthetic_small"
+ERROR_FIGURES = ("confusion", "accuracy_by_length", "accuracy_by_position",
+                 "confident_mistakes", "curves")
+DATA_FIGURES = ("length_distribution", "digit_distribution", "image_sizes", "box_geometry",
+                "sample_grid", "augmentations")
+
+
+# --------------------------------------------------------------------------- finding inputs
+
+
+def resolve_path(path: str | Path) -> Path:
+    """An absolute path: as given if absolute or present from here, else under the repo."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    return (REPO_ROOT / path).resolve()
+
+
+def synthetic_data_dir(n_train: int = 300, n_val: int = 100) -> Path:
+    """A small synthetic set in ``data/synthetic_small``, generated on first use."""
+    if not has_competition_data(SYNTHETIC_SMALL):
+        from svhn.synthetic import generate_dataset
+
+        print(f"No data found; generating a small synthetic set in {SYNTHETIC_SMALL}.")
+        generate_dataset(SYNTHETIC_SMALL, n_train=n_train, n_val=n_val, n_test=20, seed=0)
+    return SYNTHETIC_SMALL
+
+
+def find_data_dir(preferred: Sequence[str | Path | None] = ()) -> Path:
+    """The first folder with competition data: ``preferred``, SVHN_DATA_DIR, data/mchar,
+    data/synthetic; else a small generated synthetic set.
+
+    SVHN_DATA_DIR, when set, must hold the data (a typo should fail, not fall back)."""
+    env = os.environ.get("SVHN_DATA_DIR")
+    for candidate in preferred:
+        if candidate and has_competition_data(resolve_path(candidate)):
+            return resolve_path(candidate)
+    if env:
+        path = resolve_path(env)
+        if not has_competition_data(path):
+            raise FileNotFoundError(f"SVHN_DATA_DIR={env}: no mchar_train/ and "
+                                    "mchar_train.json there.")
+        return path
+    for candidate in (REPO_ROOT / "data" / "mchar", REPO_ROOT / "data" / "synthetic"):
+        if has_competition_data(candidate):
+            return candidate
+    return synthetic_data_dir()
+
+
+def cache_dir_for(data_dir: str | Path) -> Path:
+    """Where decoded images of ``data_dir`` are cached (SVHN_CACHE_DIR or data/cache)."""
+    root = os.environ.get("SVHN_CACHE_DIR") or REPO_ROOT / "data" / "cache"
+    return default_cache_dir(data_dir, root=resolve_path(root))
+
+
+def find_checkpoint(runs_dir: str | Path = REPO_ROOT / "runs") -> Path | None:
+    """The newest ``<runs>/*/version_*/checkpoints/*.ckpt`` that is not ``last.ckpt``."""
+    found = [p for p in Path(runs_dir).glob("*/version_*/checkpoints/*.ckpt")
+             if p.name != "last.ckpt"]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def train_tiny_checkpoint(data_dir: str | Path, runs_dir: str | Path,
+                          cache_dir: str | Path, epochs: int = 2) -> Path:
+    """Fit the default simple CNN for a few epochs on CPU with svhn.fit; return its best
+    checkpoint (run in ``<runs_dir>/tiny/version_N``, with metrics.csv)."""
+    from svhn.fit import build_cli
+
+    # LightningCLI warns when the host process has arguments of its own (pytest, ipykernel).
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        cli = build_cli([
+            "--data.data_dir", str(data_dir), "--data.cache_dir", str(cache_dir),
+            "--data.num_workers", "0", "--data.batch_size", "16",
+            "--data.synthetic_fallback", "false",
+            "--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu",
+            "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false",
+            "--trainer.logger.init_args.save_dir", str(runs_dir),
+            "--trainer.logger.init_args.name", "tiny",
+        ])
+    return Path(cli.trainer.checkpoint_callback.best_model_path)
+
+
+def find_or_train_checkpoint(runs_dir: str | Path = REPO_ROOT / "runs") -> Path:
+    """SVHN_CKPT, else the newest checkpoint under ``runs_dir``, else a tiny fresh one."""
+    env = os.environ.get("SVHN_CKPT")
+    if env:
+        path = resolve_path(env)
+        if not path.is_file():
+            raise FileNotFoundError(f"SVHN_CKPT={env}: checkpoint not found.")
+        return path
+    found = find_checkpoint(runs_dir)
+    if found is not None:
+        return found
+    data_dir = synthetic_data_dir()
+    print(f"No checkpoint under {runs_dir}; training a tiny one on {data_dir}.")
+    return train_tiny_checkpoint(data_dir, runs_dir, cache_dir_for(data_dir))
+
+
+def data_dir_for_checkpoint(checkpoint: str | Path) -> Path:
+    """SVHN_DATA_DIR, else the data the checkpoint was trained on, else ``find_data_dir``."""
+    if os.environ.get("SVHN_DATA_DIR"):
+        return find_data_dir()
+    trained_on = analysis.checkpoint_info(checkpoint).data.get("data_dir")
+    return find_data_dir([trained_on])
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_error_figures(pred: analysis.Predictions, out: Path,
+                        n_mistakes: int = 16) -> dict[str, Path]:
+    """The error-analysis PNGs for ``pred`` in ``out``, by figure name."""
+    score = analysis.sequence_accuracy(pred.probs, pred.targets)
+    figures = {
+        "confusion": plots.confusion(analysis.confusion_matrix(pred.probs, pred.targets)),
+        "accuracy_by_length": plots.accuracy_by_length(
+            analysis.accuracy_by_length(analysis.prediction_table(pred)), score),
+        "accuracy_by_position": plots.accuracy_by_position(
+            analysis.accuracy_by_position(pred.probs, pred.targets)),
+        "confident_mistakes": plots.confident_mistakes(
+            analysis.confident_mistakes(pred, n_mistakes)),
+        "curves": plots.training_curves(
+            analysis.read_metrics(analysis.run_dir_of(pred.checkpoint)),
+            analysis.checkpoint_info(pred.checkpoint).epoch),
+    }
+    return {name: plots.save(fig, out / f"{name}.png") for name, fig in figures.items()}
+
+
+def write_data_figures(data_dir: Path, cache_dir: Path, out: Path) -> dict[str, Path]:
+    """The data-exploration PNGs for ``data_dir`` in ``out``, by figure name."""
+    table = analysis.sample_table(data_dir)
+    figures = {
+        "length_distribution": plots.length_distribution(analysis.length_counts(table)),
+        "digit_distribution": plots.digit_distribution(
+            analysis.digit_counts(table), analysis.digit_position_counts(table)),
+        "image_sizes": plots.image_sizes(table),
+        "box_geometry": plots.box_geometry(table),
+        "sample_grid": plots.sample_grid(analysis.load_examples(data_dir, "train", n=16)),
+        "augmentations": plots.augmentation_grid(
+            analysis.augmentation_draws(data_dir, cache_dir, n_images=2)),
+    }
+    return {name: plots.save(fig, out / f"{name}.png") for name, fig in figures.items()}
+
+
+def markdown_table(frame: pd.DataFrame, formats: dict[str, str] | None = None) -> str:
+    """A small DataFrame as a GitHub markdown table (``formats``: column -> format spec)."""
+    formats = formats or {}
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---:" for _ in frame.columns) + "|"
+    lines = [header, rule]
+    for row in frame.itertuples(index=False):
+        cells = [format(value, formats.get(column, "")) if pd.notna(value) else "–"
+                 for column, value in zip(frame.columns, row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report_markdown(pred: analysis.Predictions, figures: dict[str, Path]) -> str:
+    """The text of report.md: numbers, small tables and the figures by relative name."""
+    numbers = analysis.summary(pred)
+    table = analysis.prediction_table(pred)
+    by_length = analysis.accuracy_by_length(table)
+    by_position = analysis.accuracy_by_position(pred.probs, pred.targets)
+    mistakes = int((~table["correct"]).sum())
+    lines = [
+        f"# Error analysis: {pred.checkpoint.name}",
+        "",
+        f"- Checkpoint: `{pred.checkpoint}`",
+        f"- Data: `{pred.data_dir}`, split `{pred.split}`",
+        f"- Images: {numbers['images']:,} ({mistakes:,} read wrong)",
+        f"- **Score** (whole string right, as the competition counts): {numbers['score']:.4f}",
+        f"- Character accuracy (all {pred.targets.shape[1]} positions, blank included): "
+        f"{numbers['char_acc']:.4f}",
+        f"- Digit accuracy (positions holding a digit): {numbers['digit_acc']:.4f}",
+        "",
+        "## Accuracy by label length",
+        "",
+        markdown_table(by_length, {"accuracy": ".4f", "images": ","}),
+        "",
+        "## Accuracy by position",
+        "",
+        markdown_table(by_position, {"accuracy": ".4f", "digit_accuracy": ".4f",
+                                     "digit_slots": ","}),
+        "",
+    ]
+    titles = {
+        "accuracy_by_length": "Accuracy by label length",
+        "accuracy_by_position": "Accuracy by position",
+        "confusion": "Confusion matrix (per position, blank included)",
+        "confident_mistakes": "Most confident mistakes",
+        "curves": "Training curves",
+        "length_distribution": "Data: label lengths",
+        "digit_distribution": "Data: digits",
+        "image_sizes": "Data: image sizes",
+        "box_geometry": "Data: digit boxes",
+        "sample_grid": "Data: sample images",
+        "augmentations": "Data: training augmentations",
+    }
+    lines += ["## Figures", ""]
+    for name, path in figures.items():
+        lines += [f"### {titles.get(name, name)}", "", f"![{name}]({path.name})", ""]
+    return "\n".join(lines)
+
+
+def write_report(
+    checkpoint: str | Path,
+    out: str | Path,
+    data_dir: str | Path | None = None,
+    split: str = "val",
+    data_figures: bool = False,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device: str | None = None,
+    n_mistakes: int = 16,
+) -> Path:
+    """Predict ``split`` with ``checkpoint`` and write figures + report.md into ``out``."""
+    checkpoint = resolve_path(checkpoint)
+    out = Path(out)
+    data_dir = resolve_path(data_dir) if data_dir else data_dir_for_checkpoint(checkpoint)
+    cache_dir = Path(cache_dir) if cache_dir else cache_dir_for(data_dir)
+    pred = analysis.predict_split(checkpoint, data_dir, split, cache_dir, batch_size,
+                                  num_workers, device)
+    figures = write_error_figures(pred, out, n_mistakes)
+    if data_figures:
+        figures |= write_data_figures(data_dir, cache_dir, out)
+    report = out / "report.md"
+    report.write_text(report_markdown(pred, figures), encoding="utf-8")
+    return report
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m svhn.report",
+        description="Error-analysis figures and report.md for a checkpoint on a labelled split.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint to analyse")
+    parser.add_argument("--out", required=True, type=Path, help="folder for PNGs + report.md")
+    parser.add_argument("--data_dir", default=None,
+                        help="competition layout (default: SVHN_DATA_DIR, else the "
+                             "checkpoint's data, else data/mchar, else synthetic)")
+    parser.add_argument("--split", default="val", choices=analysis.LABELLED_SPLITS)
+    parser.add_argument("--data_figures", action="store_true",
+                        help="also write the data-exploration figures")
+    parser.add_argument("--cache_dir", default=None,
+                        help="image cache (default: SVHN_CACHE_DIR or data/cache)")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if any)")
+    parser.add_argument("--n_mistakes", type=int, default=16,
+                        help="confident mistakes to show")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        report = write_report(args.ckpt_path, args.out, args.data_dir, args.split,
+                              args.data_figures, args.cache_dir, args.batch_size,
+                              args.num_workers, args.device, args.n_mistakes)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {report} and its figures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

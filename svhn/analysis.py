@@ -294,12 +294,10 @@ def predict_split(
     model.to(target_device)
     datamodule = SVHNDataModule(
         str(data_dir),
-        image_size=tuple(settings.get("image_size", DEFAULT_IMAGE_SIZE)),
         batch_size=batch_size,
         num_workers=num_workers,
-        max_len=model.hparams.max_len,
         cache_dir=str(cache_dir) if cache_dir is not None else None,
-        cache_scale=float(settings.get("cache_scale", 1.0)),
+        **{**SVHNDataModule.evaluation_settings(settings), "max_len": model.hparams.max_len},
     )
     dataset = datamodule.dataset(split, "none")
     if dataset.files.samples is None:

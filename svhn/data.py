@@ -213,6 +213,9 @@ class SVHNDataModule(L.LightningDataModule):
         predict_on: split to predict.
         cache_dir: where decoded images are cached (default data/cache/<dataset>-<hash>).
         cache_scale: cache images at this multiple of image_size (crops keep detail).
+        eval_scale: validation/test/predict images at this multiple of image_size; a model
+            that zooms reads the whole image at image_size, then crops the digits from this
+            sharper copy (keep cache_scale >= eval_scale).
         synthetic_fallback: when data_dir has no competition data, generate a synthetic
             set under data/synthetic and use it (the embedded default of svhn.fit).
         synthetic_size: number of synthetic training images for that fallback.
@@ -235,6 +238,7 @@ class SVHNDataModule(L.LightningDataModule):
         predict_on: str = "test_a",
         cache_dir: str | None = None,
         cache_scale: float = 1.0,
+        eval_scale: float = 1.0,
         synthetic_fallback: bool = False,
         synthetic_size: int = 2000,
         extra_train: tuple[str, ...] = (),
@@ -244,14 +248,24 @@ class SVHNDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.data_dir = self._resolve_data_dir(data_dir, synthetic_fallback, synthetic_size)
         self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.cache_size = (round(self.image_size[0] * cache_scale),
-                           round(self.image_size[1] * cache_scale))
+        self.cache_size = self._scaled(cache_scale)
+        self.eval_size = self._scaled(eval_scale)
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(self.data_dir)
         self.datasets: dict[str, DigitImageDataset] = {}
         self.extra_train_dirs = [Path(d) for d in extra_train]
         if synthetic_extra > 0:
             self.extra_train_dirs.append(Path(f"data/synthetic_extra_{synthetic_extra}"))
+
+    def _scaled(self, scale: float) -> tuple[int, int]:
+        return round(self.image_size[0] * scale), round(self.image_size[1] * scale)
+
+    @staticmethod
+    def evaluation_settings(hparams: dict) -> dict:
+        """The data settings (from a checkpoint's datamodule hparams) that decide what the
+        model is fed at evaluation, so prediction feeds it the same."""
+        keys = ("image_size", "cache_scale", "eval_scale", "max_len")
+        return {k: hparams[k] for k in keys if k in hparams}
 
     @staticmethod
     def _resolve_data_dir(data_dir: str, fallback: bool, size: int) -> Path:
@@ -335,7 +349,8 @@ class SVHNDataModule(L.LightningDataModule):
             cache = self._cache_for(split, root)
             if not cache.is_fresh():  # outside a Trainer nobody called prepare_data
                 cache.build(self.num_workers, desc=f"caching {split}")
-            self.datasets[key] = DigitImageDataset(files, cache, preset, self.image_size,
+            size = self.image_size if preset != "none" else self.eval_size
+            self.datasets[key] = DigitImageDataset(files, cache, preset, size,
                                                    self.hparams.max_len)
         return self.datasets[key]
 

@@ -46,10 +46,19 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     ``--ckpt_path last`` would silently resume from the past.
     """
 
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
-        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
-                and self._last_global_step_saved != trainer.global_step):
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer) -> None:
+        # Skipped when a checkpoint (and so last.ckpt) was already written at this step.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
@@ -72,6 +81,7 @@ class SVHNCLI(LightningCLI):
         })
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.link_arguments("data.max_len", "model.max_len")
+        parser.link_arguments("data.image_size", "model.image_size")
 
     def before_instantiate_classes(self) -> None:
         """``--ckpt_path last`` (or a checkpoint inside a run) continues that same run."""

@@ -75,6 +75,8 @@ class DigitSequenceModel(L.LightningModule):
         pretrained: ImageNet weights through timm (needs network).
         pretrained_weights: a local weights file for the timm backbone (the offline way).
         max_len: digit positions; must match the data module's.
+        image_size: (height, width) the network reads; larger inputs (evaluation at
+            ``eval_scale``) are resized for the first read, and zoom crops come from them.
         hidden_dim: optional shared hidden layer before the heads (0 = none).
         dropout: dropout before the heads.
         label_smoothing: cross-entropy label smoothing.
@@ -103,6 +105,7 @@ class DigitSequenceModel(L.LightningModule):
         pretrained: bool = False,
         pretrained_weights: str | None = None,
         max_len: int = DEFAULT_MAX_LEN,
+        image_size: tuple[int, int] = (64, 128),
         hidden_dim: int = 0,
         dropout: float = 0.0,
         label_smoothing: float = 0.0,
@@ -189,10 +192,15 @@ class DigitSequenceModel(L.LightningModule):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Like ``read``; with ``zoom`` outside training, the logits come from a second read
         of the crop around the predicted box (``first_pass_logits`` keeps the first)."""
-        out = self.read(images)
+        size = tuple(self.hparams.image_size)
+        whole = images
+        if tuple(images.shape[-2:]) != size:
+            whole = F.interpolate(images, size=size, mode="bilinear", antialias=True,
+                                  align_corners=False)
+        out = self.read(whole)
         if not self.hparams.zoom or self.training:
             return out
-        crops = crop_boxes(images, out["box"], self.hparams.zoom_margin)
+        crops = crop_boxes(images, out["box"], self.hparams.zoom_margin, size)
         return {"logits": self.read(crops)["logits"], "box": out["box"],
                 "first_pass_logits": out["logits"]}
 
@@ -270,9 +278,9 @@ class DigitSequenceModel(L.LightningModule):
 
 
 def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, margin: float,
-               min_size: float = 0.1) -> torch.Tensor:
+               output_size: tuple[int, int], min_size: float = 0.1) -> torch.Tensor:
     """Crop each image around its normalised (x0, y0, x1, y1) box, grown by ``margin`` of
-    its size per side, and resample the crop to the full input size (bilinear)."""
+    its size per side, and resample the crop to ``output_size`` (bilinear)."""
     height, width = images.shape[-2:]
     boxes = boxes.detach().float()
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
@@ -281,7 +289,7 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, margin: float,
     scale = torch.tensor([width, height, width, height], device=images.device)
     index = torch.arange(len(images), device=images.device, dtype=torch.float32)[:, None]
     rois = torch.cat([index, corners * scale], dim=1).to(images.dtype)
-    return roi_align(images, rois, output_size=(height, width), spatial_scale=1.0,
+    return roi_align(images, rois, output_size=tuple(output_size), spatial_scale=1.0,
                      sampling_ratio=2, aligned=True)
 
 

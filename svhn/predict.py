@@ -106,6 +106,7 @@ class DataSettings:
 
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
     cache_scale: float = 1.0
+    eval_scale: float = 1.0
     max_len: int = DEFAULT_MAX_LEN
 
 
@@ -124,6 +125,7 @@ def read_data_settings(checkpoint: str | Path) -> DataSettings:
     return DataSettings(
         image_size=(int(size[0]), int(size[1])),
         cache_scale=float(data.get("cache_scale", 1.0)),
+        eval_scale=float(data.get("eval_scale", 1.0)),
         max_len=int(model.get("max_len", data.get("max_len", DEFAULT_MAX_LEN))),
     )
 
@@ -211,6 +213,7 @@ def build_datamodule(data_dir: str | Path, split: str, settings: DataSettings,
         num_workers=num_workers, max_len=settings.max_len, augment="none",
         predict_on=split,
         cache_dir=str(cache_dir) if cache_dir else None, cache_scale=settings.cache_scale,
+        eval_scale=settings.eval_scale,
     )
 
 

@@ -134,3 +134,13 @@ def test_ddp_two_cpu_processes_count_each_val_image_once(one_digit_data, tmp_pat
     single = trainer.validate(model, datamodule=data, verbose=False)[0]["val/seq_acc"]
     assert logged == pytest.approx(single, abs=1e-6)
     assert 0 < single < 1  # a value that duplicated or dropped images would change
+
+
+def test_last_checkpoint_is_refreshed_even_when_val_does_not_improve(one_digit_data, tmp_path):
+    # lr 0: every epoch scores the same, so only the first epoch is ever "best".
+    cli = build_cli(fit_args(one_digit_data, tmp_path, "--trainer.max_epochs", "3",
+                             "--trainer.limit_train_batches", "2", "--model.lr", "0",
+                             "--model.scheduler", "none"))
+    callback = cli.trainer.checkpoint_callback
+    assert "epoch000" in Path(callback.best_model_path).name
+    assert torch.load(callback.last_model_path, weights_only=False)["epoch"] == 2

@@ -1,0 +1,546 @@
+"""Speed benchmark: ``python -m svhn.bench [--data_dir DIR] [--backbones simple_cnn resnet18]``.
+
+Measures images/s, each as the median of ``--repeats`` timed passes after one warm-up pass,
+every pass capped at ``--max_batches`` batches:
+
+- cache build: the one-off decode of every PNG into the image cache (not paid per epoch);
+- pipeline: the train dataloader alone (cached uint8 -> ``baseline`` augmentations -> batch);
+- model alone: forward + backward + optimizer step on a batch already on the device (the
+  upper bound for training);
+- end to end: a real ``lightning.Trainer.fit`` train epoch (no validation, no checkpoints);
+- predict: the datamodule's predict loader + the model in inference mode;
+- tutorial pipeline / tutorial predict: the competition tutorial's way on the same files
+  (PIL decode + torchvision transforms per item, batch 40) as the reference.
+
+Without ``--data_dir`` a synthetic set is generated (once) into ``--synthetic_dir``. The
+image cache always goes to a fresh temporary folder, so its build time is real. The report is
+printed as a table; ``--json`` prints one JSON object instead (the table goes to stderr) and
+``--out FILE`` also writes it to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from svhn.data import SVHNDataModule, default_num_workers, list_split
+from svhn.labels import DEFAULT_MAX_LEN, NUM_CLASSES, encode_label
+from svhn.module import DigitSequenceModel
+from svhn.synthetic import MARKER_NAME, generate_dataset
+from svhn.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+TUTORIAL_BATCH_SIZE = 40
+TUTORIAL_RESIZE = (64, 128)
+TUTORIAL_CROP = (60, 120)
+PRECISIONS = ("32-true", "bf16-mixed")
+SYNTHETIC_VAL = 16  # validation never runs here: a token split only completes the layout
+# (name, numerator, denominator, target): numerator / denominator should reach the target.
+PIPELINE_RATIO = ("pipeline / tutorial pipeline", "pipeline", "tutorial_pipeline", 3.0)
+BACKBONE_RATIOS = (
+    ("end-to-end / model alone", "end_to_end", "model_alone", 0.9),
+    ("predict / tutorial predict", "predict", "tutorial_predict", 2.0),
+)
+TARGETED_END_TO_END = ("resnet18",)  # the e2e target is set for the model worth feeding
+
+
+@dataclass
+class BenchConfig:
+    """Everything a benchmark run depends on (recorded in the JSON report)."""
+
+    data_dir: str | None = None
+    synthetic_dir: str = "data/bench_synthetic"
+    synthetic_train: int = 2000
+    synthetic_test: int = 1000
+    backbones: list[str] = field(default_factory=lambda: ["simple_cnn", "resnet18"])
+    image_size: tuple[int, int] = (64, 128)
+    batch_size: int = 64
+    num_workers: int | None = None
+    split: str = "test_a"
+    repeats: int = 3
+    max_batches: int = 20
+    device: str = "auto"
+    precision: str = "32-true"
+    channels_last: bool = False
+    compile: bool = False
+    threads: int | None = None
+
+    @property
+    def max_images(self) -> int:
+        return self.max_batches * self.batch_size
+
+    @property
+    def workers(self) -> int:
+        return default_num_workers() if self.num_workers is None else self.num_workers
+
+
+# -- timing ---------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_rate(run_pass: Callable[[], int], repeats: int, device: torch.device) -> dict:
+    """One warm-up pass, then the median images/s of ``repeats`` timed passes.
+
+    ``run_pass`` does one pass and returns how many images it handled.
+    """
+    run_pass()
+    rates = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        images = run_pass()
+        synchronize(device)
+        rates.append(images / (time.perf_counter() - start))
+    return {"images_per_s": statistics.median(rates), "runs": rates, "images": images}
+
+
+def batch_images(batch: dict | Sequence) -> torch.Tensor:
+    """The image tensor of a datamodule batch (dict) or a tutorial batch (tuple)."""
+    return batch["image"] if isinstance(batch, dict) else batch[0]
+
+
+def capped_batches(loader: DataLoader, max_images: int) -> Iterator:
+    """The loader's batches until ``max_images`` images have been produced."""
+    seen = 0
+    for batch in loader:
+        yield batch
+        seen += len(batch_images(batch))
+        if seen >= max_images:
+            return
+
+
+def loader_pass(loader: DataLoader, max_images: int) -> Callable[[], int]:
+    """A pass that only pulls batches out of the loader (decode, augment, collate)."""
+    def run() -> int:
+        return sum(len(batch_images(b)) for b in capped_batches(loader, max_images))
+    return run
+
+
+# -- data -----------------------------------------------------------------------------------
+def prepare_synthetic(out_dir: Path, n_train: int, n_test: int) -> Path:
+    """Generate the synthetic set unless a matching one is already there."""
+    wanted = {"n_train": n_train, "n_val": SYNTHETIC_VAL, "n_test": n_test}
+    marker = out_dir / MARKER_NAME
+    if marker.is_file() and (out_dir / "mchar_train.json").is_file():
+        line = next((ln for ln in marker.read_text().splitlines()
+                     if ln.startswith("parameters: ")), "")
+        found = json.loads(line.removeprefix("parameters: ") or "{}")
+        if all(found.get(k) == v for k, v in wanted.items()):
+            return out_dir
+    print(f"generating a synthetic set in {out_dir} ...", file=sys.stderr, flush=True)
+    return generate_dataset(out_dir, n_train=n_train, n_val=SYNTHETIC_VAL, n_test=n_test, seed=0)
+
+
+def build_datamodule(cfg: BenchConfig, data_dir: Path, cache_dir: Path) -> SVHNDataModule:
+    return SVHNDataModule(
+        data_dir=str(data_dir), image_size=cfg.image_size, batch_size=cfg.batch_size,
+        num_workers=cfg.workers, augment="baseline", predict_on=cfg.split,
+        cache_dir=str(cache_dir),
+    )
+
+
+def measure_cache_build(datamodule: SVHNDataModule) -> dict:
+    """The one-off decode of every split in use into the (empty) cache folder."""
+    start = time.perf_counter()
+    datamodule.prepare_data()
+    seconds = time.perf_counter() - start
+    # Count what was decoded: one row per image in each <split>_<H>x<W>.npy cache file.
+    caches = sorted(Path(datamodule.cache_dir).glob("*.npy"))
+    images = sum(len(np.load(path, mmap_mode="r")) for path in caches)
+    return {"images_per_s": images / seconds, "seconds": seconds, "images": images,
+            "cache_files": [path.name for path in caches]}
+
+
+def measure_pipeline(datamodule: SVHNDataModule, cfg: BenchConfig, device: torch.device) -> dict:
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    result = median_rate(loader_pass(loader, cfg.max_images), cfg.repeats, device)
+    del loader
+    gc.collect()  # ends its persistent workers so they do not linger through later runs
+    return result
+
+
+class TutorialDataset(Dataset):
+    """The competition tutorial's dataset: decode the PNG with PIL on every access."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[Sequence[int]],
+                 transform: Callable):
+        self.paths = list(paths)
+        self.labels = [encode_label(digits, DEFAULT_MAX_LEN) for digits in labels]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = Image.open(self.paths[index]).convert("RGB")
+        return self.transform(image), torch.tensor(self.labels[index])
+
+
+def tutorial_train_transform() -> T.Compose:
+    return T.Compose([
+        T.Resize(TUTORIAL_RESIZE), T.RandomCrop(TUTORIAL_CROP), T.ColorJitter(0.3, 0.3, 0.2),
+        T.RandomRotation(10), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def tutorial_eval_transform() -> T.Compose:
+    return T.Compose([T.Resize(TUTORIAL_CROP), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def tutorial_loader(data_dir: Path, split: str, train: bool, num_workers: int) -> DataLoader:
+    """The tutorial's loader: batch 40, shuffled for training, workers not kept alive."""
+    files = list_split(data_dir, split, DEFAULT_MAX_LEN)  # the tutorial also keeps 5 digits
+    labels = ([s.digits for s in files.samples] if files.samples is not None
+              else [()] * len(files.image_paths))
+    transform = tutorial_train_transform() if train else tutorial_eval_transform()
+    dataset = TutorialDataset(files.image_paths, labels, transform)
+    return DataLoader(dataset, batch_size=TUTORIAL_BATCH_SIZE, shuffle=train,
+                      num_workers=num_workers)
+
+
+# -- model ----------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available.")
+    return torch.device(name)
+
+
+def build_model(backbone: str, cfg: BenchConfig, device: torch.device) -> DigitSequenceModel:
+    """A fresh model on the device with the run's channels-last and compile settings."""
+    model = DigitSequenceModel(backbone=backbone, channels_last=cfg.channels_last,
+                               compile=cfg.compile).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.configure_model()  # what the Trainer would call: compiles the backbone if asked
+    return model
+
+
+def autocast(cfg: BenchConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The same mixed precision the Trainer applies for ``--precision``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=cfg.precision == "bf16-mixed")
+
+
+def measure_model_alone(backbone: str, cfg: BenchConfig, device: torch.device) -> dict:
+    """Training steps on one batch already on the device: no data loading at all."""
+    model = build_model(backbone, cfg, device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # the model's default optimizer
+    images = torch.randn(cfg.batch_size, 3, *cfg.image_size, device=device)
+    targets = torch.randint(0, NUM_CLASSES, (cfg.batch_size, DEFAULT_MAX_LEN), device=device)
+    steps = max(1, cfg.max_batches)
+
+    def run() -> int:
+        for _ in range(steps):
+            with autocast(cfg, device):
+                logits = model(images)["logits"]
+            loss = F.cross_entropy(logits.reshape(-1, NUM_CLASSES).float(), targets.reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return steps * cfg.batch_size
+
+    return median_rate(run, cfg.repeats, device)
+
+
+class EpochTimer(Callback):
+    """Wall time and image count of each train epoch (epoch start to epoch end hooks)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rates: list[float] = []
+        self._start = 0.0
+        self._images = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        synchronize(self.device)
+        self._start, self._images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += len(batch_images(batch))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        synchronize(self.device)
+        self.rates.append(self._images / (time.perf_counter() - self._start))
+
+
+def measure_end_to_end(backbone: str, cfg: BenchConfig, datamodule: SVHNDataModule,
+                       device: torch.device) -> dict:
+    """Train epochs of a real Trainer.fit; the first epoch is the warm-up."""
+    timer = EpochTimer(device)
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+        precision=cfg.precision, max_epochs=cfg.repeats + 1,
+        limit_train_batches=cfg.max_batches, limit_val_batches=0, num_sanity_val_steps=0,
+        enable_checkpointing=False, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[timer],
+    )
+    model = DigitSequenceModel(backbone=backbone, channels_last=cfg.channels_last,
+                               compile=cfg.compile)
+    trainer.fit(model, datamodule=datamodule)
+    runs = timer.rates[1:]
+    del trainer, model
+    gc.collect()  # ends the persistent loader workers before the next measurement
+    return {"images_per_s": statistics.median(runs), "runs": runs}
+
+
+def predict_pass(model: DigitSequenceModel, loader_factory: Callable[[], DataLoader],
+                 cfg: BenchConfig, device: torch.device,
+                 grad_mode: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], int]:
+    """A pass over a fresh loader: images to the device, forward, probabilities back."""
+    def run() -> int:
+        images = 0
+        loader = loader_factory()
+        with grad_mode(), autocast(cfg, device):
+            for batch in capped_batches(loader, cfg.max_images):
+                batch_on_device = batch_images(batch).to(device, non_blocking=True)
+                model(batch_on_device)["logits"].float().softmax(-1).cpu()
+                images += len(batch_on_device)
+        return images
+    return run
+
+
+def measure_predictions(backbone: str, cfg: BenchConfig, datamodule: SVHNDataModule,
+                        data_dir: Path, device: torch.device) -> dict[str, dict]:
+    """Our predict loader vs the tutorial's, both feeding the same model in eval mode."""
+    model = build_model(backbone, cfg, device).eval()
+    datamodule.setup("predict")
+    ours = predict_pass(model, datamodule.predict_dataloader, cfg, device, torch.inference_mode)
+    tutorial = predict_pass(
+        model, lambda: tutorial_loader(data_dir, cfg.split, False, cfg.workers), cfg, device,
+        torch.no_grad)  # the tutorial predicts under no_grad
+    return {"predict": median_rate(ours, cfg.repeats, device),
+            "tutorial_predict": median_rate(tutorial, cfg.repeats, device)}
+
+
+# -- report ---------------------------------------------------------------------------------
+def ratio_entry(name: str, backbone: str | None, numerator: float, denominator: float,
+                target: float | None) -> dict:
+    value = numerator / denominator
+    return {"name": name, "backbone": backbone, "value": value, "target": target,
+            "pass": None if target is None else value >= target}
+
+
+def compute_ratios(report: dict) -> list[dict]:
+    """The ratios with their targets, computed from the measured images/s."""
+    name, numerator, denominator, target = PIPELINE_RATIO
+    ratios = [ratio_entry(name, None, report[numerator]["images_per_s"],
+                          report[denominator]["images_per_s"], target)]
+    for backbone, results in report["backbones"].items():
+        for name, numerator, denominator, target in BACKBONE_RATIOS:
+            if numerator == "end_to_end" and backbone not in TARGETED_END_TO_END:
+                target = None
+            ratios.append(ratio_entry(name, backbone, results[numerator]["images_per_s"],
+                                      results[denominator]["images_per_s"], target))
+    return ratios
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def describe_environment(cfg: BenchConfig, device: torch.device, data_dir: Path,
+                         synthetic: bool) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {
+        "device": device.type, "device_name": name, "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "num_workers": cfg.workers,
+        "torch": torch.__version__, "data_dir": str(data_dir), "synthetic_data": synthetic,
+    }
+
+
+def _fmt_rate(measurement: dict) -> str:
+    return f"{measurement['images_per_s']:,.0f}"
+
+
+def format_table(report: dict) -> str:
+    """The human-readable report."""
+    env, cfg = report["environment"], report["config"]
+    cache = report["cache_build"]
+    lines = [
+        f"SVHN speed benchmark on {env['data_dir']}"
+        f"{' (synthetic)' if env['synthetic_data'] else ''}",
+        f"device: {env['device']} ({env['device_name']}), cpus: {env['cpu_count']}, "
+        f"torch threads: {env['torch_threads']}, num_workers: {env['num_workers']}",
+        f"image size: {cfg['image_size'][0]}x{cfg['image_size'][1]}, batch: "
+        f"{cfg['batch_size']}, precision: {cfg['precision']}, channels_last: "
+        f"{cfg['channels_last']}, compile: {cfg['compile']}",
+        f"median of {cfg['repeats']} runs after a warm-up, each capped at "
+        f"{cfg['max_batches']} batches; images/s",
+        "",
+        f"{'data (no model)':<44}{'images/s':>12}",
+        f"{'cache build, one-off (decode every PNG once)':<44}{_fmt_rate(cache):>12}"
+        f"   {cache['images']} images in {cache['seconds']:.1f} s",
+        f"{'pipeline: train loader, baseline augment':<44}{_fmt_rate(report['pipeline']):>12}",
+        f"{'tutorial pipeline: PIL + torchvision':<44}"
+        f"{_fmt_rate(report['tutorial_pipeline']):>12}",
+        "",
+        f"{'backbone':<14}{'model alone':>13}{'end-to-end':>13}{'predict':>13}"
+        f"{'tutorial pred.':>16}",
+    ]
+    for backbone, results in report["backbones"].items():
+        lines.append(
+            f"{backbone:<14}{_fmt_rate(results['model_alone']):>13}"
+            f"{_fmt_rate(results['end_to_end']):>13}{_fmt_rate(results['predict']):>13}"
+            f"{_fmt_rate(results['tutorial_predict']):>16}")
+    lines += ["", f"{'ratio':<30}{'backbone':<14}{'value':>7}{'target':>9}  result"]
+    for ratio in report["ratios"]:
+        target = f">= {ratio['target']:g}" if ratio["target"] is not None else "-"
+        result = {True: "PASS", False: "FAIL", None: "-"}[ratio["pass"]]
+        lines.append(f"{ratio['name']:<30}{ratio['backbone'] or '-':<14}"
+                     f"{ratio['value']:>7.2f}{target:>9}  {result}")
+    return "\n".join(lines)
+
+
+# -- running --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Keep Lightning's per-fit banners and advice out of the report."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")  # torch vs lightning deprecation
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def benchmark_backbone(backbone: str, cfg: BenchConfig, datamodule: SVHNDataModule,
+                       data_dir: Path, device: torch.device) -> dict:
+    progress(f"{backbone}: model alone")
+    results = {"model_alone": measure_model_alone(backbone, cfg, device)}
+    progress(f"{backbone}: end-to-end Trainer.fit")
+    results["end_to_end"] = measure_end_to_end(backbone, cfg, datamodule, device)
+    progress(f"{backbone}: predict and tutorial predict")
+    results.update(measure_predictions(backbone, cfg, datamodule, data_dir, device))
+    return results
+
+
+def run_benchmark(cfg: BenchConfig) -> dict:
+    """Run every measurement and return the report (JSON-ready)."""
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_measurements(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_measurements(cfg: BenchConfig) -> dict:
+    device = resolve_device(cfg.device)
+    synthetic = cfg.data_dir is None
+    data_dir = (prepare_synthetic(Path(cfg.synthetic_dir), cfg.synthetic_train,
+                                  cfg.synthetic_test) if synthetic else Path(cfg.data_dir))
+    report: dict = {"config": asdict(cfg),
+                    "environment": describe_environment(cfg, device, data_dir, synthetic)}
+    with tempfile.TemporaryDirectory(prefix="svhn-bench-cache-") as cache_dir:
+        datamodule = build_datamodule(cfg, data_dir, Path(cache_dir))
+        progress("cache build")
+        report["cache_build"] = measure_cache_build(datamodule)
+        progress("pipeline and tutorial pipeline")
+        report["pipeline"] = measure_pipeline(datamodule, cfg, device)
+        report["tutorial_pipeline"] = median_rate(
+            loader_pass(tutorial_loader(data_dir, "train", True, cfg.workers), cfg.max_images),
+            cfg.repeats, device)
+        report["backbones"] = {b: benchmark_backbone(b, cfg, datamodule, data_dir, device)
+                               for b in cfg.backbones}
+    report["ratios"] = compute_ratios(report)
+    return report
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
+    """The run's settings, and where its report goes (``json``, ``out``)."""
+    defaults = BenchConfig()
+    parser = argparse.ArgumentParser(prog="python -m svhn.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", help="competition layout to measure on "
+                        "(default: a synthetic set in --synthetic_dir)")
+    parser.add_argument("--synthetic_dir", default=defaults.synthetic_dir)
+    parser.add_argument("--synthetic_train", type=int, default=defaults.synthetic_train)
+    parser.add_argument("--synthetic_test", type=int, default=defaults.synthetic_test)
+    parser.add_argument("--backbones", nargs="+", default=defaults.backbones)
+    parser.add_argument("--image_size", type=int, nargs=2, default=defaults.image_size,
+                        metavar=("H", "W"))
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help=f"dataloader workers (default: the datamodule's, here "
+                             f"{default_num_workers()})")
+    parser.add_argument("--split", default=defaults.split, help="split to predict")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats)
+    parser.add_argument("--max_batches", type=int, default=defaults.max_batches,
+                        help="batches per timed pass")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=defaults.device)
+    parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
+    parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the report as one JSON object (the table goes to stderr)")
+    parser.add_argument("--out", help="also write the JSON report to this file")
+    args = vars(parser.parse_args(argv))
+    output = {key: args.pop(key) for key in ("json", "out")}
+    args["image_size"] = tuple(args["image_size"])
+    return BenchConfig(**args), output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, output = parse_args(argv)
+    if cfg.repeats < 1 or cfg.max_batches < 1:
+        raise SystemExit("--repeats and --max_batches must be at least 1.")
+    with quiet_lightning():
+        report = run_benchmark(cfg)
+    table = format_table(report)
+    text = json.dumps(report, indent=2)
+    if output["out"]:
+        Path(output["out"]).write_text(text + "\n")
+    if output["json"]:
+        print(table, file=sys.stderr)
+        print(text)
+    else:
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

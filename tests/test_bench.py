@@ -1,0 +1,104 @@
+"""Tests for the speed benchmark (svhn.bench): it runs, reports and computes its ratios.
+
+Only the shape of the report is checked; speed itself is measured by ``python -m svhn.bench``,
+never by a timed test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from svhn import bench
+
+TINY_RUN = ["--backbones", "simple_cnn", "--batch_size", "8", "--max_batches", "2",
+            "--repeats", "1", "--num_workers", "0", "--device", "cpu", "--threads", "1"]
+MEASUREMENTS = ("cache_build", "pipeline", "tutorial_pipeline")
+BACKBONE_MEASUREMENTS = ("model_alone", "end_to_end", "predict", "tutorial_predict")
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return bench.prepare_synthetic(tmp_path_factory.mktemp("bench") / "data", 24, 12)
+
+
+@pytest.fixture(scope="module")
+def bench_run(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One tiny benchmark run with --json and --out: its stdout, stderr and written file."""
+    out_file = tmp_path_factory.mktemp("report") / "bench.json"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = bench.main([*TINY_RUN, "--data_dir", str(synthetic_dir), "--json",
+                           "--out", str(out_file)])
+    return {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(),
+            "file": out_file.read_text()}
+
+
+def is_positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_json_report_has_every_measurement_as_positive_rate(bench_run: dict) -> None:
+    assert bench_run["code"] == 0
+    report = json.loads(bench_run["stdout"])  # stdout holds exactly one JSON object
+    for name in MEASUREMENTS:
+        assert is_positive_number(report[name]["images_per_s"]), name
+    assert is_positive_number(report["cache_build"]["seconds"])
+    assert list(report["backbones"]) == ["simple_cnn"]
+    for name in BACKBONE_MEASUREMENTS:
+        measurement = report["backbones"]["simple_cnn"][name]
+        assert is_positive_number(measurement["images_per_s"]), name
+        assert all(is_positive_number(run) for run in measurement["runs"]), name
+    env = report["environment"]
+    assert env["device"] == "cpu" and env["num_workers"] == 0 and env["torch_threads"] >= 1
+
+
+def test_ratios_are_computed_from_the_measurements(bench_run: dict) -> None:
+    report = json.loads(bench_run["stdout"])
+    simple = report["backbones"]["simple_cnn"]
+    expected = {
+        ("pipeline / tutorial pipeline", None): (
+            report["pipeline"]["images_per_s"] / report["tutorial_pipeline"]["images_per_s"], 3.0),
+        ("end-to-end / model alone", "simple_cnn"): (
+            simple["end_to_end"]["images_per_s"] / simple["model_alone"]["images_per_s"], None),
+        ("predict / tutorial predict", "simple_cnn"): (
+            simple["predict"]["images_per_s"] / simple["tutorial_predict"]["images_per_s"], 2.0),
+    }
+    found = {(r["name"], r["backbone"]): r for r in report["ratios"]}
+    assert set(found) == set(expected)
+    for key, (value, target) in expected.items():
+        ratio = found[key]
+        assert ratio["value"] == pytest.approx(value)
+        assert ratio["target"] == target
+        assert ratio["pass"] == (None if target is None else value >= target)
+
+
+def test_table_is_printed_and_json_written_to_out(bench_run: dict) -> None:
+    table = bench_run["stderr"]
+    for text in ("cache build", "pipeline", "tutorial pipeline", "simple_cnn",
+                 "predict / tutorial predict", "torch threads", "num_workers: 0"):
+        assert text in table
+    assert "PASS" in table or "FAIL" in table
+    assert json.loads(bench_run["file"]) == json.loads(bench_run["stdout"])
+
+
+def test_resnet18_end_to_end_ratio_has_the_target() -> None:
+    rate = {"images_per_s": 1.0}
+    report = {"pipeline": rate, "tutorial_pipeline": rate,
+              "backbones": {"resnet18": dict.fromkeys(BACKBONE_MEASUREMENTS, rate)}}
+    ratios = {(r["name"], r["backbone"]): r for r in bench.compute_ratios(report)}
+    assert ratios[("end-to-end / model alone", "resnet18")]["target"] == 0.9
+    assert ratios[("end-to-end / model alone", "resnet18")]["pass"] is True
+    assert ratios[("pipeline / tutorial pipeline", None)]["pass"] is False
+
+
+def test_synthetic_set_is_reused_when_it_matches(synthetic_dir: Path) -> None:
+    marker = synthetic_dir / "SYNTHETIC_DATASET.txt"
+    before = marker.stat().st_mtime_ns
+    assert bench.prepare_synthetic(synthetic_dir, 24, 12) == synthetic_dir
+    assert marker.stat().st_mtime_ns == before

@@ -37,7 +37,6 @@ from svhn.labels import (
     decode_probabilities,
 )
 from svhn.module import DigitSequenceModel
-from svhn.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CLASS_NAMES = [str(d) for d in range(10)] + ["blank"]
 LABELLED_SPLITS = ("train", "val")
@@ -177,11 +176,8 @@ class AugmentedExample:
 
 
 def to_display_image(image: torch.Tensor) -> np.ndarray:
-    """A normalised (3, H, W) model input back to an (H, W, 3) uint8 picture."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    pixels = (image.float() * std + mean).clamp(0, 1) * 255
-    return pixels.round().byte().permute(1, 2, 0).numpy()
+    """A (3, H, W) model input as the data module sends it (uint8) -> (H, W, 3) picture."""
+    return image.to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def _example_subset(data_dir: str | Path, split: str, file_names: Sequence[str]) -> SplitFiles:

@@ -8,7 +8,8 @@ every pass capped at ``--max_batches`` batches:
 - model alone: forward + backward + optimizer step on a batch already on the device (the
   upper bound for training);
 - end to end: a real ``lightning.Trainer.fit`` train epoch (no validation, no checkpoints);
-- predict: the datamodule's predict loader + the model in inference mode;
+- predict: the datamodule's predict loader (the one ``svhn.predict`` uses) + the model in
+  inference mode, in a plain loop: no checkpoint loading or ``Trainer.predict`` set-up;
 - tutorial pipeline / tutorial predict: the competition tutorial's way on the same files
   (PIL decode + torchvision transforms per item, batch 40) as the reference.
 
@@ -434,6 +435,7 @@ def quiet_lightning() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")  # torch vs lightning deprecation
+        warnings.filterwarnings("ignore", ".*GPU available but not used.*")
         try:
             yield
         finally:

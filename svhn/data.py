@@ -27,7 +27,7 @@ from svhn.labels import (
     load_labels,
     split_by_length,
 )
-from svhn.transforms import build_transform
+from svhn.transforms import build_transform, needs_box
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +113,21 @@ def list_split(data_dir: str | Path, split: str, max_len: int | None = None) -> 
 class DigitImageDataset(Dataset):
     """Cached images of one split with their encoded targets and digit boxes.
 
-    Each item is a dict: ``image`` (3, H, W) float tensor, ``target`` (max_len,) long,
+    Each item is a dict: ``image`` (3, H, W) uint8 tensor, ``target`` (max_len,) long,
     ``length`` (number of digits, 0 when unlabelled), ``box`` (4,) union box of the digits
     normalised to the image (zeros when unlabelled) and ``file_name``.
     """
 
     def __init__(
         self, files: SplitFiles, cache: ImageCache, preset: str, image_size: tuple[int, int],
-        max_len: int = DEFAULT_MAX_LEN,
+        max_len: int = DEFAULT_MAX_LEN, box_targets: bool = False,
     ):
         self.files = files
         self.cache = cache
         self.max_len = max_len
-        self.transform = build_transform(preset, image_size)
+        # A normalised box only moves under geometric augmentation; resizing keeps it.
+        self.track_box = needs_box(preset) or (box_targets and preset != "none")
+        self.transform = build_transform(preset, image_size, with_box=self.track_box)
         self.names = [p.name for p in files.image_paths]
         position = {p.name: i for i, p in enumerate(cache.paths)}
         self.cache_index = np.array([position[name] for name in self.names], dtype=np.int64)
@@ -144,9 +146,12 @@ class DigitImageDataset(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int) -> dict:
-        out = self.transform(image=np.asarray(self.cache.array[self.cache_index[index]]),
-                             bboxes=[self.boxes[index]], box_labels=[0])
-        box = out["bboxes"][0] if len(out["bboxes"]) else np.array([0.0, 0.0, 1.0, 1.0])
+        image = np.asarray(self.cache.array[self.cache_index[index]])
+        if self.track_box:
+            out = self.transform(image=image, bboxes=[self.boxes[index]], box_labels=[0])
+            box = out["bboxes"][0] if len(out["bboxes"]) else np.array([0.0, 0.0, 1.0, 1.0])
+        else:
+            out, box = self.transform(image=image), self.boxes[index]
         return {
             "image": out["image"],
             "target": self.targets[index],
@@ -195,7 +200,9 @@ def _seed_worker_augmentations(worker_id: int) -> None:
 
 
 def default_num_workers() -> int:
-    return min(8, max(0, (os.cpu_count() or 1) - 1))
+    """No workers on 2 cores or fewer: a worker would only take a core from the model."""
+    cpus = os.cpu_count() or 1
+    return 0 if cpus <= 2 else min(8, cpus - 1)
 
 
 class SVHNDataModule(L.LightningDataModule):
@@ -205,7 +212,7 @@ class SVHNDataModule(L.LightningDataModule):
         data_dir: root of the competition layout.
         image_size: (height, width) the model sees.
         batch_size: images per batch (per device).
-        num_workers: dataloader workers; None picks min(8, cpus - 1).
+        num_workers: dataloader workers; None picks 0 on <= 2 cpus, else min(8, cpus - 1).
         max_len: positions per target; longer labels are left out with a warning.
         augment: training preset: none, baseline, strong or zoom.
         train_on: splits to train on; ("train", "val") for a final submission.
@@ -216,6 +223,8 @@ class SVHNDataModule(L.LightningDataModule):
         eval_scale: validation/test/predict images at this multiple of image_size; a model
             that zooms reads the whole image at image_size, then crops the digits from this
             sharper copy (keep cache_scale >= eval_scale).
+        box_targets: keep the digits' box right through every augmentation (for a model
+            with a box head; ``svhn.fit`` links it to ``model.box_head``).
         synthetic_fallback: when data_dir has no competition data, generate a synthetic
             set under data/synthetic and use it (the embedded default of svhn.fit).
         synthetic_size: number of synthetic training images for that fallback.
@@ -239,6 +248,7 @@ class SVHNDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         cache_scale: float = 1.0,
         eval_scale: float = 1.0,
+        box_targets: bool = False,
         synthetic_fallback: bool = False,
         synthetic_size: int = 2000,
         extra_train: tuple[str, ...] = (),
@@ -351,7 +361,8 @@ class SVHNDataModule(L.LightningDataModule):
                 cache.build(self.num_workers, desc=f"caching {split}")
             size = self.image_size if preset != "none" else self.eval_size
             self.datasets[key] = DigitImageDataset(files, cache, preset, size,
-                                                   self.hparams.max_len)
+                                                   self.hparams.max_len,
+                                                   self.hparams.box_targets)
         return self.datasets[key]
 
     def setup(self, stage: str | None = None) -> None:

@@ -82,6 +82,7 @@ class SVHNCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.link_arguments("data.max_len", "model.max_len")
         parser.link_arguments("data.image_size", "model.image_size")
+        parser.link_arguments("model.box_head", "data.box_targets")
 
     def before_instantiate_classes(self) -> None:
         """``--ckpt_path last`` (or a checkpoint inside a run) continues that same run."""

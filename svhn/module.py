@@ -14,6 +14,7 @@ from torchvision.ops import roi_align
 
 from svhn.labels import BLANK, DEFAULT_MAX_LEN, NUM_CLASSES, canonical_predictions
 from svhn.models import create_backbone
+from svhn.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle", "step")
@@ -178,8 +179,8 @@ class DigitSequenceModel(L.LightningModule):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        backbone = self._compiled_backbone or self.backbone
-        return backbone(images)
+        compiled = self._compiled_backbone
+        return (compiled if compiled is not None else self.backbone)(images)
 
     def read(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """One pass: ``logits`` (B, max_len, 11) and, with a box head, ``box`` (B, 4)."""
@@ -192,6 +193,7 @@ class DigitSequenceModel(L.LightningModule):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Like ``read``; with ``zoom`` outside training, the logits come from a second read
         of the crop around the predicted box (``first_pass_logits`` keeps the first)."""
+        images = normalize_images(images)
         size = tuple(self.hparams.image_size)
         whole = images
         if tuple(images.shape[-2:]) != size:
@@ -277,6 +279,16 @@ class DigitSequenceModel(L.LightningModule):
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 batches (as the data module sends them) -> ImageNet-normalised floats, on the
+    model's device; float batches are taken as already normalised."""
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
 def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, margin: float,
                output_size: tuple[int, int], min_size: float = 0.1) -> torch.Tensor:
     """Crop each image around its normalised (x0, y0, x1, y1) box, grown by ``margin`` of
@@ -293,4 +305,5 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, margin: float,
                      sampling_ratio=2, aligned=True)
 
 
-__all__ = ["BLANK", "DigitHeads", "DigitSequenceModel", "SequenceMetrics", "crop_boxes"]
+__all__ = ["BLANK", "DigitHeads", "DigitSequenceModel", "SequenceMetrics", "crop_boxes",
+           "normalize_images"]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from svhn.data import SPLITS, DataError, SVHNDataModule, list_split
 from svhn.labels import BLANK, DEFAULT_MAX_LEN, LabelFileError, decode_probabilities, load_labels
-from svhn.module import DigitSequenceModel
+from svhn.module import DigitSequenceModel, normalize_images
 from svhn.score import format_report, score_submission
 from svhn.submission import (
     SAMPLE_SUBMISSION,
@@ -86,7 +86,8 @@ class ViewAveragingPredictor(L.LightningModule):
         self.views = tuple(views)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        outputs = [self.model.predict_step({**batch, "image": VIEWS[name](batch["image"])},
+        images = normalize_images(batch["image"])  # the views work on float images
+        outputs = [self.model.predict_step({**batch, "image": VIEWS[name](images)},
                                            batch_idx) for name in self.views]
         result = {"file_name": outputs[0]["file_name"],
                   "probs": torch.stack([o["probs"] for o in outputs]).mean(dim=0)}

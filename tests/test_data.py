@@ -49,7 +49,7 @@ def test_batches_carry_images_targets_lengths_boxes_and_names(small_layout, tmp_
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (3, 3, 64, 128) and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (3, 3, 64, 128) and batch["image"].dtype == torch.uint8
     assert batch["target"].shape == (3, 5)
     by_name = dict(zip(batch["file_name"], batch["target"].tolist()))
     assert by_name["000000.png"] == [1, 9, BLANK, BLANK, BLANK]
@@ -178,7 +178,7 @@ def test_real_data_loads_every_image_and_matches_label_statistics(tmp_path):
         dataset = dm.dataset(split)
         names, lengths = [], []
         for batch in torch.utils.data.DataLoader(dataset, batch_size=512, num_workers=2):
-            assert torch.isfinite(batch["image"]).all()
+            assert batch["image"].shape[1:] == (3, 64, 128)
             names += batch["file_name"]
             lengths += batch["length"].tolist()
         on_disk = sorted(p.name for p in (Path(root) / f"mchar_{split}").glob("*.png"))

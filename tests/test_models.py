@@ -22,7 +22,10 @@ def test_every_classic_cnn_of_the_design_is_registered():
                                           "googlenet"}
 
 
-@pytest.mark.parametrize("name", TIMM_EXAMPLES)
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=[] if name == "resnet18" else pytest.mark.slow)
+    for name in TIMM_EXAMPLES
+])
 def test_timm_backbones_are_feature_extractors(name):
     model = create_backbone(name).eval()
     with torch.no_grad():

@@ -219,7 +219,8 @@ class DigitSequenceModel(L.LightningModule):
         batch_size = targets.shape[0]
         if "box" in out:
             box_loss = F.smooth_l1_loss(out["box"].float(), batch["box"], beta=0.05)
-            self.log(f"{stage}/box_loss", box_loss, batch_size=batch_size, sync_dist=True)
+            self.log(f"{stage}/box_loss", box_loss, batch_size=batch_size, sync_dist=True,
+                     on_step=False, on_epoch=True)
             loss = loss + self.hparams.box_loss_weight * box_loss
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits.detach(), targets)

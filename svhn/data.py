@@ -27,7 +27,7 @@ from svhn.labels import (
     load_labels,
     split_by_length,
 )
-from svhn.transforms import build_transform, needs_box
+from svhn.transforms import build_transform, needs_box, zoom_crop_target
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ class DigitImageDataset(Dataset):
         self.max_len = max_len
         # A normalised box only moves under geometric augmentation; resizing keeps it.
         self.track_box = needs_box(preset) or (box_targets and preset != "none")
+        self.zoom_crops = preset == "zoom"
         self.transform = build_transform(preset, image_size, with_box=self.track_box)
         self.names = [p.name for p in files.image_paths]
         position = {p.name: i for i, p in enumerate(cache.paths)}
@@ -146,9 +147,12 @@ class DigitImageDataset(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int) -> dict:
-        image = np.asarray(self.cache.array[self.cache_index[index]])
+        # A copy: the memory map is read-only, and tensors must own writable memory.
+        image = np.array(self.cache.array[self.cache_index[index]])
         if self.track_box:
-            out = self.transform(image=image, bboxes=[self.boxes[index]], box_labels=[0])
+            extra = zoom_crop_target(self.boxes[index], image.shape) if self.zoom_crops else {}
+            out = self.transform(image=image, bboxes=[self.boxes[index]], box_labels=[0],
+                                 **extra)
             box = out["bboxes"][0] if len(out["bboxes"]) else np.array([0.0, 0.0, 1.0, 1.0])
         else:
             out, box = self.transform(image=image), self.boxes[index]

@@ -12,12 +12,16 @@ Presets:
   colour jitter (brightness 0.3, contrast 0.3, saturation 0.2), rotation +-10 degrees. The
   crop (as a 16/15 zoom with a shift of up to 1/32) and the rotation are one affine warp.
 - ``strong``: baseline plus affine (scale, shift, shear), blur, noise, grey and inversion.
-- ``zoom``: crop-jitter around the digits (a random crop that keeps every digit, from tight
-  to the whole image), plus ``strong``'s photometric changes. Teaches a reader to read any
-  framing of the number, which two-pass "zoom" prediction relies on.
+- ``zoom``: crop-jitter around the digits, plus ``strong``'s photometric changes: mostly a
+  tight crop (the digits' box grown by ZOOM_CROP_MARGIN per side, each edge moved at random),
+  else a random crop that keeps every digit (tight to whole image), else the whole image.
+  Teaches one model both to find the number in a whole image and to read it from the crop
+  that two-pass "zoom" prediction cuts around the predicted box.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import albumentations as A
 import cv2
@@ -28,6 +32,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESETS = ("none", "baseline", "strong", "zoom")
 TUTORIAL_ZOOM = 16 / 15  # a 60x120 crop of 64x128 shown at 64x128
 TUTORIAL_SHIFT = 1 / 32  # the crop's offset: up to 2 of 64 pixels each way
+ZOOM_CROP_MARGIN = 0.15  # tight zoom crops: the box grown by 15 % of its size per side...
+ZOOM_CROP_JITTER = 0.1  # ...each edge moved by up to 10 % of that crop: digits stay inside
 
 
 def _photometric(strength: float) -> list[A.BasicTransform]:
@@ -59,10 +65,27 @@ def _geometric(preset: str, height: int, width: int) -> list[A.BasicTransform]:
                                  rotate=(-10, 10), shear=(-8, 8),
                                  border_mode=cv2.BORDER_REPLICATE, p=0.9)]
     if preset == "zoom":
-        return [A.RandomSizedBBoxSafeCrop(height, width, p=0.75), resize,
+        crops = A.OneOf([
+            A.RandomCropNearBBox(max_part_shift=ZOOM_CROP_JITTER,
+                                 cropping_bbox_key="digits_box", p=0.6),
+            A.RandomSizedBBoxSafeCrop(height, width, p=0.4),
+        ], p=0.8)
+        return [crops, resize,
                 A.Affine(scale=(0.9, 1.05), translate_percent=(-0.03, 0.03), rotate=(-8, 8),
                          shear=(-6, 6), border_mode=cv2.BORDER_REPLICATE, p=0.7)]
     raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {PRESETS}.")
+
+
+def zoom_crop_target(box: Sequence[float], image_shape: tuple[int, ...]) -> dict:
+    """The extra input of the zoom preset: the digits' box grown by ZOOM_CROP_MARGIN, in
+    pixels of the image about to be transformed."""
+    height, width = image_shape[:2]
+    x0, y0, x1, y1 = box
+    grow_x, grow_y = (x1 - x0) * ZOOM_CROP_MARGIN, (y1 - y0) * ZOOM_CROP_MARGIN
+    return {"digits_box": [round(max(0.0, x0 - grow_x) * width),
+                           round(max(0.0, y0 - grow_y) * height),
+                           round(min(1.0, x1 + grow_x) * width),
+                           round(min(1.0, y1 + grow_y) * height)]}
 
 
 def needs_box(preset: str) -> bool:

@@ -144,3 +144,19 @@ def test_last_checkpoint_is_refreshed_even_when_val_does_not_improve(one_digit_d
     callback = cli.trainer.checkpoint_callback
     assert "epoch000" in Path(callback.best_model_path).name
     assert torch.load(callback.last_model_path, weights_only=False)["epoch"] == 2
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_config_parses_on_top_of_the_default(config, capsys):
+    with pytest.raises(SystemExit) as done:
+        build_cli(["--config", str(REPO / "configs" / config), "--print_config"])
+    assert done.value.code in (None, 0)
+    assert "monitor: val/seq_acc" in capsys.readouterr().out
+
+
+def test_zoom_overlay_composes_with_a_backbone_config(capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["--config", str(REPO / "configs/resnet50.yaml"),
+                   "--config", str(REPO / "configs/zoom.yaml"), "--print_config"])
+    out = capsys.readouterr().out
+    assert "backbone: resnet50" in out and "zoom: true" in out and "augment: zoom" in out

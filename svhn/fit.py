@@ -12,6 +12,7 @@ Runs land in ``runs/<name>/version_N/`` (the resolved ``config.yaml``, metrics a
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -127,10 +128,18 @@ class SVHNCLI(LightningCLI):
 
 
 def build_cli(args: list[str] | None = None) -> SVHNCLI:
+    """Parse ``args`` (default: the command line) and run; also usable from Python."""
     args = list(sys.argv[1:] if args is None else args)
     if not args or args[0] not in SUBCOMMANDS:
         args = ["fit", *args]
     defaults = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else []
+    with warnings.catch_warnings():
+        # Called from Python (tests, notebooks) the host's own argv is not ours to parse.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return _run_cli(args, defaults)
+
+
+def _run_cli(args: list[str], defaults: list[str]) -> SVHNCLI:
     return SVHNCLI(
         DigitSequenceModel,
         SVHNDataModule,

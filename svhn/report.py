@@ -23,7 +23,6 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from unittest import mock
 
 import pandas as pd
 
@@ -100,18 +99,16 @@ def train_tiny_checkpoint(data_dir: str | Path, runs_dir: str | Path,
     checkpoint (run in ``<runs_dir>/tiny/version_N``, with metrics.csv)."""
     from svhn.fit import build_cli
 
-    # LightningCLI warns when the host process has arguments of its own (pytest, ipykernel).
-    with mock.patch.object(sys, "argv", sys.argv[:1]):
-        cli = build_cli([
-            "--data.data_dir", str(data_dir), "--data.cache_dir", str(cache_dir),
-            "--data.num_workers", "0", "--data.batch_size", "16",
-            "--data.synthetic_fallback", "false",
-            "--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu",
-            "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false",
-            "--trainer.logger.init_args.save_dir", str(runs_dir),
-            "--trainer.logger.init_args.name", "tiny",
-        ])
+    cli = build_cli([
+        "--data.data_dir", str(data_dir), "--data.cache_dir", str(cache_dir),
+        "--data.num_workers", "0", "--data.batch_size", "16",
+        "--data.synthetic_fallback", "false",
+        "--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu",
+        "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.logger.init_args.save_dir", str(runs_dir),
+        "--trainer.logger.init_args.name", "tiny",
+    ])
     return Path(cli.trainer.checkpoint_callback.best_model_path)
 
 

@@ -7,7 +7,6 @@ Layout under one root: ``mchar_train/`` + ``mchar_train.json``, ``mchar_val/`` +
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -28,8 +27,6 @@ from svhn.labels import (
     split_by_length,
 )
 from svhn.transforms import build_transform, needs_box, zoom_crop_target
-
-log = logging.getLogger(__name__)
 
 SPLITS = {
     "train": ("mchar_train", "mchar_train.json"),
@@ -292,8 +289,7 @@ class SVHNDataModule(L.LightningDataModule):
             f"mchar_train.json). Training on a synthetic set in {synthetic} instead. To use "
             f"the real data: {DATA_HELP}"
         )
-        log.warning(message)
-        print(message, flush=True)
+        print(message, flush=True)  # stdout: the first thing a new user reads
         return synthetic
 
     # -- data on disk -------------------------------------------------------------------

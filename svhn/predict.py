@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,7 @@ def read_data_settings(checkpoint: str | Path) -> DataSettings:
         content = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for a file that is not a checkpoint
         raise CheckpointError(f"{path}: cannot read as a checkpoint ({err}).") from None
-    data = content.get("datamodule_hyper_parameters") or {}
+    data = SVHNDataModule.evaluation_settings(content.get("datamodule_hyper_parameters") or {})
     model = content.get("hyper_parameters") or {}
     size = data.get("image_size", DEFAULT_IMAGE_SIZE)
     return DataSettings(
@@ -210,11 +210,9 @@ def build_datamodule(data_dir: str | Path, split: str, settings: DataSettings,
                      cache_dir: str | Path | None) -> SVHNDataModule:
     """The split as the model saw validation images: same size, cache scale, no augmentation."""
     return SVHNDataModule(
-        data_dir=str(data_dir), image_size=settings.image_size, batch_size=batch_size,
-        num_workers=num_workers, max_len=settings.max_len, augment="none",
-        predict_on=split,
-        cache_dir=str(cache_dir) if cache_dir else None, cache_scale=settings.cache_scale,
-        eval_scale=settings.eval_scale,
+        data_dir=str(data_dir), batch_size=batch_size, num_workers=num_workers,
+        augment="none", predict_on=split, cache_dir=str(cache_dir) if cache_dir else None,
+        **asdict(settings),
     )
 
 

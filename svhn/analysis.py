@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from svhn.data import SPLITS, DigitImageDataset, SplitFiles, SVHNDataModule, list_split
+from svhn.data import SPLITS, DigitImageDataset, SplitFiles, list_split
 from svhn.images import ImageCache, read_rgb
 from svhn.labels import (
     BLANK,
@@ -37,6 +37,7 @@ from svhn.labels import (
     decode_probabilities,
 )
 from svhn.module import DigitSequenceModel
+from svhn.predict import build_datamodule, read_data_settings
 
 CLASS_NAMES = [str(d) for d in range(10)] + ["blank"]
 LABELLED_SPLITS = ("train", "val")
@@ -284,17 +285,12 @@ def predict_split(
     Images go through the datamodule's evaluation path (``none`` preset) at the image size
     and cache scale the checkpoint was trained with, as validation saw them.
     """
-    settings = checkpoint_info(checkpoint).data
     model = DigitSequenceModel.load_for_inference(checkpoint, map_location="cpu")
     target_device = _pick_device(device)
     model.to(target_device)
-    datamodule = SVHNDataModule(
-        str(data_dir),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        cache_dir=str(cache_dir) if cache_dir is not None else None,
-        **{**SVHNDataModule.evaluation_settings(settings), "max_len": model.hparams.max_len},
-    )
+    # The same evaluation data module as svhn.predict: one place decides what a model sees.
+    datamodule = build_datamodule(data_dir, split, read_data_settings(checkpoint), batch_size,
+                                  num_workers, cache_dir)
     dataset = datamodule.dataset(split, "none")
     if dataset.files.samples is None:
         raise ValueError(f"split {split!r} has no labels; error analysis needs train or val.")

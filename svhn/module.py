@@ -85,11 +85,13 @@ class DigitSequenceModel(L.LightningModule):
             instead of its own pooling; keeps position for the box head. None = backbone's.
         box_head: also predict the box around the digits (normalised x0, y0, x1, y1).
         box_loss_weight: weight of the box loss (smooth L1) against the digit loss.
-        zoom: with a box head, read twice when evaluating: once on the whole image to find
-            the digits, then again on a crop around the predicted box (train with the
-            ``zoom`` augmentation so such crops are familiar).
+        zoom: with a box head, read again when evaluating: once on the whole image to find
+            the digits, then on a crop around the predicted box (train with the ``zoom``
+            augmentation so such crops are familiar).
         zoom_margin: the crop extends the predicted box by this fraction of its size on
             every side.
+        zoom_steps: crop reads after the first: each later read crops around the box the
+            previous crop predicted (the box is sharper when the digits fill the view).
         init_from: start from the weights of this checkpoint (fine-tuning), not a resume.
         optimizer: adam, adamw or sgd.
         lr, weight_decay, momentum: optimiser settings (momentum for sgd).
@@ -115,6 +117,7 @@ class DigitSequenceModel(L.LightningModule):
         box_loss_weight: float = 1.0,
         zoom: bool = False,
         zoom_margin: float = 0.15,
+        zoom_steps: int = 1,
         init_from: str | None = None,
         optimizer: str = "adam",
         lr: float = 1e-3,
@@ -133,6 +136,8 @@ class DigitSequenceModel(L.LightningModule):
         self.save_hyperparameters()
         if zoom and not box_head:
             raise ValueError("zoom needs box_head: true (the box says where to zoom).")
+        if zoom_steps < 1:
+            raise ValueError(f"zoom_steps must be at least 1, got {zoom_steps}.")
         self.backbone = create_backbone(backbone, pretrained, pretrained_weights, feature_grid)
         features = self.backbone.num_features
         self.heads = DigitHeads(features, max_len, hidden_dim, dropout)
@@ -155,6 +160,8 @@ class DigitSequenceModel(L.LightningModule):
         model = cls.load_from_checkpoint(path, map_location=map_location, pretrained=False,
                                          pretrained_weights=None, compile=False,
                                          init_from=None)
+        if model.hparams.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         return model.eval()
 
     def _load_weights(self, checkpoint: str) -> None:
@@ -191,8 +198,10 @@ class DigitSequenceModel(L.LightningModule):
         return out
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Like ``read``; with ``zoom`` outside training, the logits come from a second read
-        of the crop around the predicted box (``first_pass_logits`` keeps the first)."""
+        """Like ``read``; with ``zoom`` outside training, the logits come from the last of
+        ``zoom_steps`` reads of crops around the predicted box, ``box`` is the last box
+        predicted (in whole-image coordinates) and ``first_pass_logits`` keeps the first
+        read's."""
         images = normalize_images(images)
         size = tuple(self.hparams.image_size)
         whole = images
@@ -202,9 +211,12 @@ class DigitSequenceModel(L.LightningModule):
         out = self.read(whole)
         if not self.hparams.zoom or self.training:
             return out
-        crops = crop_boxes(images, out["box"], self.hparams.zoom_margin, size)
-        return {"logits": self.read(crops)["logits"], "box": out["box"],
-                "first_pass_logits": out["logits"]}
+        box, margin = out["box"].float(), self.hparams.zoom_margin
+        for _ in range(self.hparams.zoom_steps):
+            region = crop_region(box, margin)
+            crop_out = self.read(crop_boxes(images, box, margin, size))
+            box = box_from_crop(crop_out["box"].float(), region)
+        return {"logits": crop_out["logits"], "box": box, "first_pass_logits": out["logits"]}
 
     def on_fit_start(self) -> None:
         if self.hparams.channels_last:
@@ -290,15 +302,27 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return (images.float() - mean) / std
 
 
+def crop_region(boxes: torch.Tensor, margin: float, min_size: float = 0.1) -> torch.Tensor:
+    """The normalised region ``crop_boxes`` cuts: each box grown by ``margin`` of its size
+    per side (at least ``min_size`` of the image), clipped to the image."""
+    boxes = boxes.detach().float()
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=min_size) * (1 + 2 * margin)
+    return torch.cat([centre - size / 2, centre + size / 2], dim=1).clamp(0, 1)
+
+
+def box_from_crop(boxes: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """Boxes predicted inside crops of ``regions`` -> normalised whole-image coordinates."""
+    origin, extent = regions[:, :2], regions[:, 2:] - regions[:, :2]
+    return torch.cat([origin + boxes[:, :2] * extent, origin + boxes[:, 2:] * extent], dim=1)
+
+
 def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, margin: float,
                output_size: tuple[int, int], min_size: float = 0.1) -> torch.Tensor:
     """Crop each image around its normalised (x0, y0, x1, y1) box, grown by ``margin`` of
     its size per side, and resample the crop to ``output_size`` (bilinear)."""
     height, width = images.shape[-2:]
-    boxes = boxes.detach().float()
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=min_size) * (1 + 2 * margin)
-    corners = torch.cat([centre - size / 2, centre + size / 2], dim=1).clamp(0, 1)
+    corners = crop_region(boxes, margin, min_size)
     scale = torch.tensor([width, height, width, height], device=images.device)
     index = torch.arange(len(images), device=images.device, dtype=torch.float32)[:, None]
     rois = torch.cat([index, corners * scale], dim=1).to(images.dtype)
@@ -306,5 +330,5 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, margin: float,
                      sampling_ratio=2, aligned=True)
 
 
-__all__ = ["BLANK", "DigitHeads", "DigitSequenceModel", "SequenceMetrics", "crop_boxes",
-           "normalize_images"]
+__all__ = ["BLANK", "DigitHeads", "DigitSequenceModel", "SequenceMetrics", "box_from_crop",
+           "crop_boxes", "crop_region", "normalize_images"]

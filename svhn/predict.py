@@ -199,10 +199,11 @@ def _average(members: Sequence[Predictions]) -> Predictions:
 
 
 def build_trainer(accelerator: str = "auto", devices: int | str | list[int] = 1,
-                  strategy: str | None = None) -> L.Trainer:
+                  strategy: str | None = None, precision: str = "32-true") -> L.Trainer:
     """A Trainer for prediction only: progress bar on, nothing logged or saved."""
     return L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy or "auto",
-                     logger=False, enable_checkpointing=False, enable_model_summary=False)
+                     precision=precision, logger=False, enable_checkpointing=False,
+                     enable_model_summary=False)
 
 
 def build_datamodule(data_dir: str | Path, split: str, settings: DataSettings,
@@ -230,7 +231,7 @@ def predict_ensemble(
     checkpoint_paths: Sequence[str | Path], data_dir: str | Path, split: str = "test_a", *,
     views: Sequence[str] = PLAIN_VIEWS, batch_size: int = 128, num_workers: int | None = 0,
     accelerator: str = "auto", devices: int | str | list[int] = 1, strategy: str | None = None,
-    cache_dir: str | Path | None = None,
+    precision: str = "32-true", cache_dir: str | Path | None = None,
 ) -> Predictions:
     """Average the probabilities of several checkpoints (and views) over a split."""
     paths = [Path(p) for p in checkpoint_paths]
@@ -238,7 +239,7 @@ def predict_ensemble(
         raise CheckpointError("no checkpoint given.")
     settings = [read_data_settings(p) for p in paths]
     shared_max_len(settings, paths)
-    trainer = build_trainer(accelerator, devices, strategy)
+    trainer = build_trainer(accelerator, devices, strategy, precision)
     members = [
         predict_checkpoint(trainer, path,
                            build_datamodule(data_dir, split, s, batch_size, num_workers,
@@ -364,6 +365,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", type=_devices, default=1)
     parser.add_argument("--strategy", default=None, help="e.g. ddp (default: Lightning's auto)")
+    parser.add_argument("--precision", default="32-true",
+                        help="Lightning precision, e.g. bf16-mixed: about 3x faster on CPUs "
+                             "with AMX or AVX512-BF16 and on recent GPUs; 16-mixed on GPUs")
     parser.add_argument("--tta", action="store_true",
                         help=f"average the views {', '.join(TTA_VIEWS)}")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -409,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.checkpoints, args.data_dir, args.split, views=views,
             batch_size=args.batch_size, num_workers=args.num_workers,
             accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-            cache_dir=args.cache_dir,
+            precision=args.precision, cache_dir=args.cache_dir,
         )
     except (CheckpointError, DataError, LabelFileError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

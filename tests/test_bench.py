@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from svhn import bench
 
@@ -95,6 +96,19 @@ def test_resnet18_end_to_end_ratio_has_the_target() -> None:
     assert ratios[("end-to-end / model alone", "resnet18")]["target"] == 0.9
     assert ratios[("end-to-end / model alone", "resnet18")]["pass"] is True
     assert ratios[("pipeline / tutorial pipeline", None)]["pass"] is False
+
+
+def test_the_tutorial_reference_runs_as_the_tutorial_does() -> None:
+    ours = bench.BenchConfig(precision="bf16-mixed", channels_last=True, compile=True)
+    reference = bench.tutorial_settings(ours)
+    assert (reference.precision, reference.channels_last, reference.compile) == \
+        ("32-true", False, False)
+    cpu = torch.device("cpu")
+    with bench.autocast(ours, cpu):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with bench.autocast(reference, cpu):
+        assert not torch.is_autocast_enabled("cpu")
 
 
 def test_synthetic_set_is_reused_when_it_matches(synthetic_dir: Path) -> None:

@@ -160,3 +160,22 @@ def test_zoom_overlay_composes_with_a_backbone_config(capsys):
                    "--config", str(REPO / "configs/zoom.yaml"), "--print_config"])
     out = capsys.readouterr().out
     assert "backbone: resnet50" in out and "zoom: true" in out and "augment: zoom" in out
+
+
+def test_ema_weights_are_what_the_checkpoints_keep(one_digit_data, tmp_path):
+    # Lightning's EMAWeightAveraging, added from a config as configs/real_cpu.yaml does.
+    overlay = tmp_path / "ema.yaml"
+    overlay.write_text("trainer:\n  callbacks:\n"
+                       "    - class_path: lightning.pytorch.callbacks.EMAWeightAveraging\n"
+                       "      init_args:\n        decay: 0.9\n")
+    cli = build_cli(["--config", str(overlay),
+                     *fit_args(one_digit_data, tmp_path, "--trainer.max_epochs", "2",
+                               "--trainer.limit_train_batches", "3")])
+    for path in (cli.trainer.checkpoint_callback.best_model_path,
+                 cli.trainer.checkpoint_callback.last_model_path):
+        saved = torch.load(path, weights_only=False)
+        averaged, current = saved["state_dict"], saved["current_model_state"]
+        name = next(k for k in averaged if k.startswith("backbone.") and k.endswith("weight"))
+        assert not torch.equal(averaged[name], current[name])
+        model = DigitSequenceModel.load_for_inference(path)
+        assert torch.equal(model.state_dict()[name], averaged[name])  # predict reads the EMA

@@ -99,6 +99,18 @@ def test_tta_keeps_the_submission_format(trained_checkpoint, tmp_path, capsys):
     assert all(map(is_digit_code, frame["file_code"]))
 
 
+def test_bf16_prediction_is_close_to_float32(trained_checkpoint, val_prediction, tmp_path):
+    out = tmp_path / "bf16.csv"
+    assert run_predict(trained_checkpoint, out=out,
+                       extra=("--precision", "bf16-mixed", "--save_probs")) == 0
+    assert read_submission(out)["file_name"].tolist() == \
+        read_submission(val_prediction)["file_name"].tolist()
+    fp32 = np.load(predict.probs_path_for(val_prediction))["probs"]
+    bf16 = np.load(predict.probs_path_for(out))["probs"]
+    difference = np.abs(bf16 - fp32).max()
+    assert 0 < difference < 0.05  # bf16 really ran, and rounding moved little
+
+
 def test_views_are_deterministic_and_keep_the_shape():
     images = torch.randn(2, 3, 16, 32)
     assert torch.equal(predict.VIEWS["identity"](images), images)

@@ -8,7 +8,13 @@ import torch
 
 from svhn.data import SVHNDataModule
 from svhn.fit import build_cli
-from svhn.module import DigitSequenceModel, crop_boxes, normalize_images
+from svhn.module import (
+    DigitSequenceModel,
+    box_from_crop,
+    crop_boxes,
+    crop_region,
+    normalize_images,
+)
 from svhn.predict import main as predict_main
 from svhn.score import score_file
 
@@ -43,6 +49,40 @@ def test_zoom_reads_a_second_time_on_the_predicted_box():
     assert "first_pass_logits" not in model(torch.zeros(2, 3, 32, 64))
 
 
+def test_a_box_predicted_in_a_crop_maps_back_to_the_whole_image():
+    boxes = torch.tensor([[0.4, 0.2, 0.6, 0.4]])
+    region = crop_region(boxes, margin=0.5)  # grown by half its size per side
+    assert torch.allclose(region, torch.tensor([[0.3, 0.1, 0.7, 0.5]]))
+    whole_crop = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    assert torch.allclose(box_from_crop(whole_crop, region), region)
+    middle = torch.tensor([[0.25, 0.25, 0.75, 0.75]])
+    assert torch.allclose(box_from_crop(middle, region), boxes)
+
+
+def test_each_zoom_step_crops_around_the_box_the_last_crop_found(monkeypatch):
+    model = DigitSequenceModel(backbone="simple_cnn", box_head=True, zoom=True, zoom_steps=3,
+                               zoom_margin=0.5, image_size=(32, 64)).eval()
+    # Every read says "the digits fill the middle half of what I see". That box grown by
+    # half its size per side is the whole view, so each crop's box maps back to itself.
+    reads = []
+
+    def fake_read(images):
+        reads.append(images.shape)
+        return {"logits": torch.full((len(images), 5, 11), float(len(reads))),
+                "box": torch.tensor([[0.25, 0.25, 0.75, 0.75]]).expand(len(images), 4)}
+
+    monkeypatch.setattr(model, "read", fake_read)
+    out = model(torch.zeros(1, 3, 32, 64))
+    assert len(reads) == 4  # the whole image, then three crops
+    assert out["logits"].max() == 4 and out["first_pass_logits"].max() == 1
+    assert torch.allclose(out["box"], torch.tensor([[0.25, 0.25, 0.75, 0.75]]))
+
+
+def test_zoom_steps_must_be_positive():
+    with pytest.raises(ValueError, match="zoom_steps must be at least 1"):
+        DigitSequenceModel(box_head=True, zoom=True, zoom_steps=0)
+
+
 def test_zoom_without_box_head_is_an_error():
     with pytest.raises(ValueError, match="zoom needs box_head"):
         DigitSequenceModel(zoom=True)
@@ -67,7 +107,7 @@ def zoom_run(synthetic_data_dir, tmp_path_factory):
         "--data.data_dir", str(synthetic_data_dir), "--data.num_workers", "0",
         "--data.cache_dir", str(runs / "cache"), "--data.image_size", "[32, 64]",
         "--data.augment", "zoom", "--data.cache_scale", "2", "--data.eval_scale", "2",
-        "--model.box_head", "true", "--model.zoom", "true",
+        "--model.box_head", "true", "--model.zoom", "true", "--model.zoom_steps", "2",
         "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(runs / "runs"),
     ])

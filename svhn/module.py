@@ -151,15 +151,18 @@ class DigitSequenceModel(L.LightningModule):
         self._compiled_backbone = None
 
     @classmethod
-    def load_for_inference(cls, checkpoint: str | Path,
-                           map_location: str | torch.device = "cpu") -> DigitSequenceModel:
-        """Load a checkpoint with its own settings; pretrained weights come from the file."""
+    def load_for_inference(cls, checkpoint: str | Path, map_location: str | torch.device = "cpu",
+                           channels_last: bool | None = None) -> DigitSequenceModel:
+        """Load a checkpoint with its own settings; pretrained weights come from the file.
+        ``channels_last`` overrides the memory format the model was trained with."""
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: checkpoint not found.")
         model = cls.load_from_checkpoint(path, map_location=map_location, pretrained=False,
                                          pretrained_weights=None, compile=False,
                                          init_from=None)
+        if channels_last is not None:
+            model.hparams.channels_last = channels_last
         if model.hparams.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model.eval()

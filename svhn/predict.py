@@ -218,9 +218,10 @@ def build_datamodule(data_dir: str | Path, split: str, settings: DataSettings,
 
 
 def predict_checkpoint(trainer: L.Trainer, checkpoint: Path, datamodule: SVHNDataModule,
-                       views: Sequence[str] = PLAIN_VIEWS) -> Predictions:
+                       views: Sequence[str] = PLAIN_VIEWS,
+                       channels_last: bool | None = None) -> Predictions:
     """One checkpoint over the data module's predict split, complete on every rank."""
-    model = DigitSequenceModel.load_for_inference(checkpoint)
+    model = DigitSequenceModel.load_for_inference(checkpoint, channels_last=channels_last)
     batches = trainer.predict(ViewAveragingPredictor(model, views), datamodule=datamodule,
                               return_predictions=True)
     expected = datamodule.predict_set.names
@@ -231,7 +232,8 @@ def predict_ensemble(
     checkpoint_paths: Sequence[str | Path], data_dir: str | Path, split: str = "test_a", *,
     views: Sequence[str] = PLAIN_VIEWS, batch_size: int = 128, num_workers: int | None = 0,
     accelerator: str = "auto", devices: int | str | list[int] = 1, strategy: str | None = None,
-    precision: str = "32-true", cache_dir: str | Path | None = None,
+    precision: str = "32-true", channels_last: bool | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Predictions:
     """Average the probabilities of several checkpoints (and views) over a split."""
     paths = [Path(p) for p in checkpoint_paths]
@@ -243,7 +245,7 @@ def predict_ensemble(
     members = [
         predict_checkpoint(trainer, path,
                            build_datamodule(data_dir, split, s, batch_size, num_workers,
-                                            cache_dir), views)
+                                            cache_dir), views, channels_last)
         for path, s in zip(paths, settings)
     ]
     return _average(members)
@@ -368,6 +370,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", default="32-true",
                         help="Lightning precision, e.g. bf16-mixed: about 3x faster on CPUs "
                              "with AMX or AVX512-BF16 and on recent GPUs; 16-mixed on GPUs")
+    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                        help="memory format for the convolutions (default: as trained); "
+                             "with bf16 on CPU about 1.8x faster again")
     parser.add_argument("--tta", action="store_true",
                         help=f"average the views {', '.join(TTA_VIEWS)}")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -413,7 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.checkpoints, args.data_dir, args.split, views=views,
             batch_size=args.batch_size, num_workers=args.num_workers,
             accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-            precision=args.precision, cache_dir=args.cache_dir,
+            precision=args.precision, channels_last=args.channels_last,
+            cache_dir=args.cache_dir,
         )
     except (CheckpointError, DataError, LabelFileError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -99,10 +99,11 @@ def test_tta_keeps_the_submission_format(trained_checkpoint, tmp_path, capsys):
     assert all(map(is_digit_code, frame["file_code"]))
 
 
-def test_bf16_prediction_is_close_to_float32(trained_checkpoint, val_prediction, tmp_path):
+def test_bf16_channels_last_prediction_is_close_to_float32(trained_checkpoint, val_prediction,
+                                                           tmp_path):
     out = tmp_path / "bf16.csv"
     assert run_predict(trained_checkpoint, out=out,
-                       extra=("--precision", "bf16-mixed", "--save_probs")) == 0
+                       extra=("--precision", "bf16-mixed", "--channels_last", "--save_probs")) == 0
     assert read_submission(out)["file_name"].tolist() == \
         read_submission(val_prediction)["file_name"].tolist()
     fp32 = np.load(predict.probs_path_for(val_prediction))["probs"]

@@ -152,3 +152,13 @@ def test_extra_training_data_joins_the_real_train_split(synthetic_data_dir, tmp_
     base = len(dm.dataset("train"))
     assert len(dm.train_set) == 2 * base + 12
     assert (tmp_path / "data" / "synthetic_extra_12" / "mchar_train.json").is_file()
+
+
+def test_channels_last_can_be_chosen_at_inference(zoom_run):
+    cli, _ = zoom_run
+    last = cli.trainer.checkpoint_callback.last_model_path
+    model = DigitSequenceModel.load_for_inference(last, channels_last=True)
+    weight = next(p for p in model.backbone.parameters() if p.dim() == 4)
+    assert model.hparams.channels_last
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert not DigitSequenceModel.load_for_inference(last).hparams.channels_last

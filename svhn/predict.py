@@ -97,6 +97,9 @@ class ViewAveragingPredictor(L.LightningModule):
 
 
 # -- checkpoints ----------------------------------------------------------------------------
+PREDICT_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, unreadable, or unlike the others)."""
 
@@ -367,12 +370,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", type=_devices, default=1)
     parser.add_argument("--strategy", default=None, help="e.g. ddp (default: Lightning's auto)")
-    parser.add_argument("--precision", default="32-true",
-                        help="Lightning precision, e.g. bf16-mixed: about 3x faster on CPUs "
-                             "with AMX or AVX512-BF16 and on recent GPUs; 16-mixed on GPUs")
+    parser.add_argument("--precision", default="32-true", choices=PREDICT_PRECISIONS,
+                        help="bf16-mixed: 2-3x faster with --channels_last on CPUs with AMX or "
+                             "AVX512-BF16 and on recent GPUs (slower on older CPUs); "
+                             "16-mixed: GPUs")
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-                        help="memory format for the convolutions (default: as trained); "
-                             "with bf16 on CPU about 1.8x faster again")
+                        help="memory format for the convolutions (default: as trained)")
     parser.add_argument("--tta", action="store_true",
                         help=f"average the views {', '.join(TTA_VIEWS)}")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -163,7 +163,8 @@ def test_zoom_overlay_composes_with_a_backbone_config(capsys):
 
 
 def test_ema_weights_are_what_the_checkpoints_keep(one_digit_data, tmp_path):
-    # Lightning's EMAWeightAveraging, added from a config as configs/real_cpu.yaml does.
+    # Lightning's EMAWeightAveraging added from a config (measured in the README; not in
+    # the recipe): validation, checkpoints and predict must all see the averaged weights.
     overlay = tmp_path / "ema.yaml"
     overlay.write_text("trainer:\n  callbacks:\n"
                        "    - class_path: lightning.pytorch.callbacks.EMAWeightAveraging\n"

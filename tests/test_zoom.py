@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+import svhn.module
 from svhn.data import SVHNDataModule
 from svhn.fit import build_cli
 from svhn.module import (
@@ -61,21 +62,28 @@ def test_a_box_predicted_in_a_crop_maps_back_to_the_whole_image():
 
 def test_each_zoom_step_crops_around_the_box_the_last_crop_found(monkeypatch):
     model = DigitSequenceModel(backbone="simple_cnn", box_head=True, zoom=True, zoom_steps=3,
-                               zoom_margin=0.5, image_size=(32, 64)).eval()
-    # Every read says "the digits fill the middle half of what I see". That box grown by
-    # half its size per side is the whole view, so each crop's box maps back to itself.
-    reads = []
+                               zoom_margin=0.0, image_size=(32, 64)).eval()
+    # Every read says "the digits are in the left half of what I see", so each crop should
+    # be the left half of the previous one: widths 1/2, 1/4, 1/8 of the image.
+    reads, cropped_around = [], []
 
     def fake_read(images):
         reads.append(images.shape)
         return {"logits": torch.full((len(images), 5, 11), float(len(reads))),
-                "box": torch.tensor([[0.25, 0.25, 0.75, 0.75]]).expand(len(images), 4)}
+                "box": torch.tensor([[0.0, 0.0, 0.5, 1.0]]).expand(len(images), 4)}
+
+    def recording_crop(images, boxes, *args, **kwargs):
+        cropped_around.append(boxes.clone())
+        return crop_boxes(images, boxes, *args, **kwargs)
 
     monkeypatch.setattr(model, "read", fake_read)
+    monkeypatch.setattr(svhn.module, "crop_boxes", recording_crop)
     out = model(torch.zeros(1, 3, 32, 64))
     assert len(reads) == 4  # the whole image, then three crops
     assert out["logits"].max() == 4 and out["first_pass_logits"].max() == 1
-    assert torch.allclose(out["box"], torch.tensor([[0.25, 0.25, 0.75, 0.75]]))
+    widths = [box[0, 2].item() for box in cropped_around]
+    assert widths == pytest.approx([0.5, 0.25, 0.125])
+    assert torch.allclose(out["box"], torch.tensor([[0.0, 0.0, 0.0625, 1.0]]))
 
 
 def test_zoom_steps_must_be_positive():

@@ -49,13 +49,13 @@ from torchvision import transforms as T
 from svhn.data import SVHNDataModule, default_num_workers, list_split
 from svhn.labels import DEFAULT_MAX_LEN, NUM_CLASSES, encode_label
 from svhn.module import DigitSequenceModel
+from svhn.predict import PRECISIONS
 from svhn.synthetic import MARKER_NAME, generate_dataset
 from svhn.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 TUTORIAL_BATCH_SIZE = 40
 TUTORIAL_RESIZE = (64, 128)
 TUTORIAL_CROP = (60, 120)
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # 16-mixed: GPU only
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 SYNTHETIC_VAL = 16  # validation never runs here: a token split only completes the layout
 # (name, numerator, denominator, target): numerator / denominator should reach the target.
@@ -238,9 +238,7 @@ def resolve_device(name: str) -> torch.device:
 def build_model(backbone: str, cfg: BenchConfig, device: torch.device) -> DigitSequenceModel:
     """A fresh model on the device with the run's channels-last and compile settings."""
     model = DigitSequenceModel(backbone=backbone, channels_last=cfg.channels_last,
-                               compile=cfg.compile).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+                               compile=cfg.compile).to(device).apply_memory_format()
     model.configure_model()  # what the Trainer would call: compiles the backbone if asked
     return model
 

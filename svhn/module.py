@@ -14,7 +14,7 @@ from torchvision.ops import roi_align
 
 from svhn.labels import BLANK, DEFAULT_MAX_LEN, NUM_CLASSES, canonical_predictions
 from svhn.models import create_backbone
-from svhn.transforms import IMAGENET_MEAN, IMAGENET_STD
+from svhn.transforms import IMAGENET_MEAN, IMAGENET_STD, ZOOM_CROP_MARGIN
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle", "step")
@@ -89,7 +89,7 @@ class DigitSequenceModel(L.LightningModule):
             the digits, then on a crop around the predicted box (train with the ``zoom``
             augmentation so such crops are familiar).
         zoom_margin: the crop extends the predicted box by this fraction of its size on
-            every side.
+            every side (default: the margin of the ``zoom`` augmentation's tight crops).
         zoom_steps: crop reads after the first: each later read crops around the box the
             previous crop predicted (the box is sharper when the digits fill the view).
         init_from: start from the weights of this checkpoint (fine-tuning), not a resume.
@@ -98,7 +98,8 @@ class DigitSequenceModel(L.LightningModule):
         scheduler: none, cosine (per step, to zero), onecycle, or step (x0.1 every
             step_epochs).
         step_epochs: epochs between decays for the step scheduler.
-        channels_last: channels-last memory format (faster convolutions on GPU).
+        channels_last: channels-last memory format (faster convolutions on GPUs and on CPUs
+            with AMX under bf16).
         compile: run the backbone through torch.compile.
     """
 
@@ -116,7 +117,7 @@ class DigitSequenceModel(L.LightningModule):
         box_head: bool = False,
         box_loss_weight: float = 1.0,
         zoom: bool = False,
-        zoom_margin: float = 0.15,
+        zoom_margin: float = ZOOM_CROP_MARGIN,
         zoom_steps: int = 1,
         init_from: str | None = None,
         optimizer: str = "adam",
@@ -163,9 +164,14 @@ class DigitSequenceModel(L.LightningModule):
                                          init_from=None)
         if channels_last is not None:
             model.hparams.channels_last = channels_last
-        if model.hparams.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return model.eval()
+        return model.apply_memory_format().eval()
+
+    def apply_memory_format(self) -> DigitSequenceModel:
+        """Weights in channels-last layout when ``channels_last`` is set (training, prediction
+        and the benchmark all go through here)."""
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self
 
     def _load_weights(self, checkpoint: str) -> None:
         path = Path(checkpoint)
@@ -222,8 +228,7 @@ class DigitSequenceModel(L.LightningModule):
         return {"logits": crop_out["logits"], "box": box, "first_pass_logits": out["logits"]}
 
     def on_fit_start(self) -> None:
-        if self.hparams.channels_last:
-            self.to(memory_format=torch.channels_last)
+        self.apply_memory_format()
 
     # -- steps --------------------------------------------------------------------------
     def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:

@@ -41,6 +41,7 @@ from svhn.submission import (
 )
 
 DEFAULT_IMAGE_SIZE = (64, 128)
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # Lightning's names; 16-mixed: GPUs
 SYNTHETIC_TEST_LABELS = "mchar_test_a_labels.json"  # exists only in generated datasets
 
 # -- views (test-time augmentation) ---------------------------------------------------------
@@ -97,9 +98,6 @@ class ViewAveragingPredictor(L.LightningModule):
 
 
 # -- checkpoints ----------------------------------------------------------------------------
-PREDICT_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, unreadable, or unlike the others)."""
 
@@ -370,7 +368,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", type=_devices, default=1)
     parser.add_argument("--strategy", default=None, help="e.g. ddp (default: Lightning's auto)")
-    parser.add_argument("--precision", default="32-true", choices=PREDICT_PRECISIONS,
+    parser.add_argument("--precision", default="32-true", choices=PRECISIONS,
                         help="bf16-mixed: 2-3x faster with --channels_last on CPUs with AMX or "
                              "AVX512-BF16 and on recent GPUs (slower on older CPUs); "
                              "16-mixed: GPUs")

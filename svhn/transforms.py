@@ -16,7 +16,7 @@ Presets:
   tight crop (the digits' box grown by ZOOM_CROP_MARGIN per side, each edge moved at random),
   else a random crop that keeps every digit (tight to whole image), else the whole image.
   Teaches one model both to find the number in a whole image and to read it from the crop
-  that two-pass "zoom" prediction cuts around the predicted box.
+  that "zoom" prediction cuts around each predicted box.
 """
 
 from __future__ import annotations

@@ -24,10 +24,11 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
+from svhn import inference
 from svhn.data import SPLITS, DigitImageDataset, SplitFiles, list_split
-from svhn.images import ImageCache, read_rgb
+from svhn.images import DEFAULT_IMAGE_SIZE, ImageCache, read_rgb
+from svhn.inference import Predictions
 from svhn.labels import (
     BLANK,
     DEFAULT_MAX_LEN,
@@ -36,13 +37,10 @@ from svhn.labels import (
     decode_label,
     decode_probabilities,
 )
-from svhn.module import DigitSequenceModel
-from svhn.predict import build_datamodule, read_data_settings
 
 CLASS_NAMES = [str(d) for d in range(10)] + ["blank"]
 LABELLED_SPLITS = ("train", "val")
 AUGMENT_PRESETS = ("baseline", "strong", "zoom")
-DEFAULT_IMAGE_SIZE = (64, 128)
 
 Box = tuple[float, float, float, float]
 
@@ -233,42 +231,8 @@ def augmentation_draws(
 # --------------------------------------------------------------------------- predictions
 
 
-@dataclass
-class Predictions:
-    """A checkpoint's per-position probabilities on every image of a labelled split."""
-
-    checkpoint: Path
-    data_dir: Path
-    split: str
-    file_names: list[str]
-    image_paths: list[Path]
-    probs: torch.Tensor  # (N, max_len, 11)
-    targets: torch.Tensor  # (N, max_len), blank-padded
-
-    def __len__(self) -> int:
-        return len(self.file_names)
-
-
-@dataclass
-class CheckpointInfo:
-    """What a checkpoint says about its training: the data settings and when it was saved."""
-
-    data: dict  # the data module's hyperparameters (empty when not saved)
-    epoch: int | None
-    global_step: int | None
-
-
-def checkpoint_info(checkpoint: str | Path) -> CheckpointInfo:
-    """Read a checkpoint's data settings and epoch without building the model."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    return CheckpointInfo(dict(state.get("datamodule_hyper_parameters") or {}),
-                          state.get("epoch"), state.get("global_step"))
-
-
-def _pick_device(device: str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _accelerator(device: str | None) -> str:
+    return "auto" if device is None else {"cuda": "gpu"}.get(device, device)
 
 
 def predict_split(
@@ -280,28 +244,14 @@ def predict_split(
     num_workers: int = 0,
     device: str | None = None,
 ) -> Predictions:
-    """Probabilities of ``checkpoint`` on every image of a labelled split.
-
-    Images go through the datamodule's evaluation path (``none`` preset) at the image size
-    and cache scale the checkpoint was trained with, as validation saw them.
-    """
-    model = DigitSequenceModel.load_for_inference(checkpoint, map_location="cpu")
-    target_device = _pick_device(device)
-    model.to(target_device)
-    # The same evaluation data module as svhn.predict: one place decides what a model sees.
-    datamodule = build_datamodule(data_dir, split, read_data_settings(checkpoint), batch_size,
-                                  num_workers, cache_dir)
-    dataset = datamodule.dataset(split, "none")
-    if dataset.files.samples is None:
+    """Probabilities and targets of ``checkpoint`` on every labelled image of a split, read
+    through ``svhn.inference`` exactly as ``svhn.predict`` reads (same sizes, scale and
+    precision as validation), so the scores here match the logged ``val/seq_acc``."""
+    if SPLITS[split][1] is None:
         raise ValueError(f"split {split!r} has no labels; error analysis needs train or val.")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    probs = []
-    with torch.inference_mode():
-        for batch in loader:
-            logits = model(batch["image"].to(target_device))["logits"]
-            probs.append(logits.float().softmax(-1).cpu())
-    return Predictions(Path(checkpoint), Path(data_dir), split, list(dataset.names),
-                       list(dataset.files.image_paths), torch.cat(probs), dataset.targets.clone())
+    return inference.predict_split([checkpoint], data_dir, split, batch_size=batch_size,
+                                   num_workers=num_workers, cache_dir=cache_dir,
+                                   accelerator=_accelerator(device), labelled=True)
 
 
 # --------------------------------------------------------------------------- scores

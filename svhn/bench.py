@@ -8,8 +8,9 @@ every pass capped at ``--max_batches`` batches:
 - model alone: forward + backward + optimizer step on a batch already on the device (the
   upper bound for training);
 - end to end: a real ``lightning.Trainer.fit`` train epoch (no validation, no checkpoints);
-- predict: the datamodule's predict loader (the one ``svhn.predict`` uses) + the model in
-  inference mode, in a plain loop: no checkpoint loading or ``Trainer.predict`` set-up;
+- predict: ``svhn.inference``'s prediction path (the one ``svhn.predict`` uses: the data
+  module's predict loader and ``Trainer.predict``), timed from the first batch to the last:
+  no checkpoint loading or Trainer set-up;
 - tutorial pipeline / tutorial predict: the competition tutorial's way on the same files
   (PIL decode + torchvision transforms per item, batch 40) as the reference.
 
@@ -46,15 +47,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from svhn import inference
+from svhn.backbones import IMAGENET_MEAN, IMAGENET_STD
 from svhn.data import SVHNDataModule, default_num_workers, list_split
+from svhn.images import DEFAULT_IMAGE_SIZE
+from svhn.inference import PRECISIONS
 from svhn.labels import DEFAULT_MAX_LEN, NUM_CLASSES, encode_label
 from svhn.module import DigitSequenceModel
-from svhn.predict import PRECISIONS
+from svhn.reader import DigitReader
 from svhn.synthetic import MARKER_NAME, generate_dataset
-from svhn.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 TUTORIAL_BATCH_SIZE = 40
-TUTORIAL_RESIZE = (64, 128)
+TUTORIAL_RESIZE = DEFAULT_IMAGE_SIZE  # the tutorial's 64x128, the project's default too
 TUTORIAL_CROP = (60, 120)
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 SYNTHETIC_VAL = 16  # validation never runs here: a token split only completes the layout
@@ -76,7 +80,7 @@ class BenchConfig:
     synthetic_train: int = 2000
     synthetic_test: int = 1000
     backbones: list[str] = field(default_factory=lambda: ["simple_cnn", "resnet18"])
-    image_size: tuple[int, int] = (64, 128)
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
     batch_size: int = 64
     num_workers: int | None = None
     split: str = "test_a"
@@ -235,12 +239,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(backbone: str, cfg: BenchConfig, device: torch.device) -> DigitSequenceModel:
-    """A fresh model on the device with the run's channels-last and compile settings."""
-    model = DigitSequenceModel(backbone=backbone, channels_last=cfg.channels_last,
-                               compile=cfg.compile).to(device).apply_memory_format()
-    model.configure_model()  # what the Trainer would call: compiles the backbone if asked
-    return model
+def build_model(backbone: str, cfg: BenchConfig, device: torch.device) -> DigitReader:
+    """A fresh reader on the device with the run's channels-last and compile settings."""
+    reader = DigitReader(backbone=backbone, channels_last=cfg.channels_last)
+    reader.to(device).apply_memory_format()
+    if cfg.compile:
+        reader.compile_backbone()  # what DigitSequenceModel.configure_model does in a fit
+    return reader
 
 
 def autocast(cfg: BenchConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -277,7 +282,7 @@ def measure_model_alone(backbone: str, cfg: BenchConfig, device: torch.device) -
 
 
 class EpochTimer(Callback):
-    """Wall time and image count of each train epoch (epoch start to epoch end hooks)."""
+    """Images/s of each train or predict epoch (epoch start to epoch end hooks)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -295,6 +300,16 @@ class EpochTimer(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(self.device)
         self.rates.append(self._images / (time.perf_counter() - self._start))
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_train_epoch_start(trainer, pl_module)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                             dataloader_idx: int = 0) -> None:
+        self._images += len(batch_images(batch))
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_train_epoch_end(trainer, pl_module)
 
 
 def measure_end_to_end(backbone: str, cfg: BenchConfig, datamodule: SVHNDataModule,
@@ -317,14 +332,14 @@ def measure_end_to_end(backbone: str, cfg: BenchConfig, datamodule: SVHNDataModu
     return {"images_per_s": statistics.median(runs), "runs": runs}
 
 
-def predict_pass(model: DigitSequenceModel, loader_factory: Callable[[], DataLoader],
-                 cfg: BenchConfig, device: torch.device,
-                 grad_mode: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], int]:
-    """A pass over a fresh loader: images to the device, forward, probabilities back."""
+def tutorial_predict_pass(model: DigitReader, loader_factory: Callable[[], DataLoader],
+                          cfg: BenchConfig, device: torch.device) -> Callable[[], int]:
+    """The tutorial's predict loop over a fresh loader, under no_grad: images to the
+    device, forward, probabilities back."""
     def run() -> int:
         images = 0
         loader = loader_factory()
-        with grad_mode(), autocast(cfg, device):
+        with torch.no_grad(), autocast(cfg, device):
             for batch in capped_batches(loader, cfg.max_images):
                 batch_on_device = batch_images(batch).to(device, non_blocking=True)
                 model(batch_on_device)["logits"].float().softmax(-1).cpu()
@@ -333,19 +348,30 @@ def predict_pass(model: DigitSequenceModel, loader_factory: Callable[[], DataLoa
     return run
 
 
+def measure_our_predict(reader: DigitReader, datamodule: SVHNDataModule, cfg: BenchConfig,
+                        device: torch.device) -> dict:
+    """``svhn.inference``'s path, one warm-up pass then ``repeats`` timed passes."""
+    timer = EpochTimer(device)
+    trainer = inference.build_trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu", precision=cfg.precision,
+        callbacks=[timer], progress_bar=False, limit_batches=cfg.max_batches)
+    for _ in range(cfg.repeats + 1):
+        inference.predict_with_reader(reader, datamodule, trainer)
+    runs = timer.rates[1:]
+    return {"images_per_s": statistics.median(runs), "runs": runs}
+
+
 def measure_predictions(backbone: str, cfg: BenchConfig, datamodule: SVHNDataModule,
                         data_dir: Path, device: torch.device) -> dict[str, dict]:
-    """Our predict loader vs the tutorial's, both feeding the same model in eval mode."""
+    """Our prediction path vs the tutorial's loop, both with the same weights."""
     model = build_model(backbone, cfg, device).eval()
     reference_cfg = tutorial_settings(cfg)
     reference = build_model(backbone, reference_cfg, device).eval()
     reference.load_state_dict(model.state_dict())  # the same network, the tutorial's way
-    datamodule.setup("predict")
-    ours = predict_pass(model, datamodule.predict_dataloader, cfg, device, torch.inference_mode)
-    tutorial = predict_pass(
+    tutorial = tutorial_predict_pass(
         reference, lambda: tutorial_loader(data_dir, cfg.split, False, cfg.workers),
-        reference_cfg, device, torch.no_grad)  # the tutorial predicts under no_grad
-    return {"predict": median_rate(ours, cfg.repeats, device),
+        reference_cfg, device)
+    return {"predict": measure_our_predict(model, datamodule, cfg, device),
             "tutorial_predict": median_rate(tutorial, cfg.repeats, device)}
 
 

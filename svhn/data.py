@@ -16,9 +16,10 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from svhn.images import ImageCache, default_cache_dir
+from svhn.images import DEFAULT_IMAGE_SIZE, ImageCache, default_cache_dir
 from svhn.labels import (
     DEFAULT_MAX_LEN,
     Sample,
@@ -172,24 +173,6 @@ def _normalised_union_boxes(samples: Sequence[Sample], original_sizes: np.ndarra
     return np.clip(boxes, 0.0, 1.0).astype(np.float32)
 
 
-class UnpaddedDistributedSampler(DistributedSampler):
-    """Each rank takes every world_size-th item and nothing is repeated.
-
-    Lightning's default sampler pads the last batch with repeats, which would count some
-    validation images twice; metrics must see each image exactly once.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.indices = list(range(rank, len(dataset), num_replicas))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def _seed_worker_augmentations(worker_id: int) -> None:
     """Give each worker its own augmentation stream (forked workers share the parent's)."""
     info = torch.utils.data.get_worker_info()
@@ -219,6 +202,8 @@ class SVHNDataModule(L.LightningDataModule):
         train_on: splits to train on; ("train", "val") for a final submission.
         val_on: split for validation (checkpoint choice) and test.
         predict_on: split to predict.
+        predict_labelled: predict only the labelled images of predict_on, with their targets
+            (error analysis); by default every image, labelled or not (a submission).
         cache_dir: where decoded images are cached (default data/cache/<dataset>-<hash>).
         cache_scale: cache images at this multiple of image_size (crops keep detail).
         eval_scale: validation/test/predict images at this multiple of image_size; a model
@@ -238,7 +223,7 @@ class SVHNDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str = "data/mchar",
-        image_size: tuple[int, int] = (64, 128),
+        image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
         batch_size: int = 64,
         num_workers: int | None = None,
         max_len: int = DEFAULT_MAX_LEN,
@@ -246,6 +231,7 @@ class SVHNDataModule(L.LightningDataModule):
         train_on: tuple[str, ...] = ("train",),
         val_on: str = "val",
         predict_on: str = "test_a",
+        predict_labelled: bool = False,
         cache_dir: str | None = None,
         cache_scale: float = 1.0,
         eval_scale: float = 1.0,
@@ -374,7 +360,8 @@ class SVHNDataModule(L.LightningDataModule):
         if stage in ("fit", "validate", "test", None):
             self.val_set = self.dataset(self.hparams.val_on)
         if stage in ("predict", None):
-            self.predict_set = self.dataset(self.hparams.predict_on, labelled=False)
+            self.predict_set = self.dataset(self.hparams.predict_on,
+                                            labelled=self.hparams.predict_labelled)
 
     # -- loaders ------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool, sampler=None) -> DataLoader:
@@ -394,7 +381,10 @@ class SVHNDataModule(L.LightningDataModule):
     def _eval_sampler(self, dataset: Dataset):
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
-            return UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
+            # Lightning's default sampler pads with repeats, which would count some
+            # validation images twice; metrics must see each image exactly once.
+            return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
+                                                rank=trainer.global_rank, shuffle=False)
         return None
 
     def train_dataloader(self) -> DataLoader:

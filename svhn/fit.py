@@ -39,30 +39,6 @@ class SaveConfigOnce(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
-class BestAndLastCheckpoint(ModelCheckpoint):
-    """Keeps the best checkpoint and a ``last.ckpt`` written after EVERY validation.
-
-    Lightning's own ``save_last`` only refreshes last.ckpt when a top-k checkpoint was just
-    saved, so after an epoch that did not improve, last.ckpt would hold an older epoch and
-    ``--ckpt_path last`` would silently resume from the past.
-    """
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def _refresh_last(self, trainer) -> None:
-        # Skipped when a checkpoint (and so last.ckpt) was already written at this step.
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
 def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
     """The newest ``<save_dir>/<name>/<version>/checkpoints/last.ckpt``, if any."""
     found = sorted(Path(save_dir, name).glob("*/checkpoints/last.ckpt"),
@@ -72,13 +48,20 @@ def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
 
 class SVHNCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
+        # Two public ModelCheckpoints: the best by val/seq_acc, and last.ckpt rewritten after
+        # every epoch. (Lightning 2.6's own save_last refreshes last.ckpt only when a top-k
+        # checkpoint was saved, so --ckpt_path last would resume from an older epoch.)
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/seq_acc",
             "checkpoint.mode": "max",
-            "checkpoint.save_last": True,
             "checkpoint.filename": "epoch{epoch:03d}-seq_acc{val/seq_acc:.4f}",
             "checkpoint.auto_insert_metric_name": False,
+            "last_checkpoint.filename": "last",
+            "last_checkpoint.monitor": None,
+            "last_checkpoint.save_top_k": 1,
+            "last_checkpoint.enable_version_counter": False,
         })
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.link_arguments("data.max_len", "model.max_len")

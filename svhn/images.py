@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 CACHE_VERSION = 1
+DEFAULT_IMAGE_SIZE = (64, 128)  # (height, width) a model reads unless a config says otherwise
 
 
 class ImageReadError(ValueError):

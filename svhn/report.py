@@ -27,8 +27,10 @@ from pathlib import Path
 import pandas as pd
 
 from svhn import analysis, plots
+from svhn.checkpoints import read_checkpoint
 from svhn.data import has_competition_data
 from svhn.images import default_cache_dir
+from svhn.inference import Predictions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC_SMALL = REPO_ROOT / "data" / "synthetic_small"
@@ -132,14 +134,14 @@ def data_dir_for_checkpoint(checkpoint: str | Path) -> Path:
     """SVHN_DATA_DIR, else the data the checkpoint was trained on, else ``find_data_dir``."""
     if os.environ.get("SVHN_DATA_DIR"):
         return find_data_dir()
-    trained_on = analysis.checkpoint_info(checkpoint).data.get("data_dir")
+    trained_on = read_checkpoint(checkpoint).data.get("data_dir")
     return find_data_dir([trained_on])
 
 
 # --------------------------------------------------------------------------- writing
 
 
-def write_error_figures(pred: analysis.Predictions, out: Path,
+def write_error_figures(pred: Predictions, out: Path,
                         n_mistakes: int = 16) -> dict[str, Path]:
     """The error-analysis PNGs for ``pred`` in ``out``, by figure name."""
     score = analysis.sequence_accuracy(pred.probs, pred.targets)
@@ -153,7 +155,7 @@ def write_error_figures(pred: analysis.Predictions, out: Path,
             analysis.confident_mistakes(pred, n_mistakes)),
         "curves": plots.training_curves(
             analysis.read_metrics(analysis.run_dir_of(pred.checkpoint)),
-            analysis.checkpoint_info(pred.checkpoint).epoch),
+            read_checkpoint(pred.checkpoint).epoch),
     }
     return {name: plots.save(fig, out / f"{name}.png") for name, fig in figures.items()}
 
@@ -187,7 +189,7 @@ def markdown_table(frame: pd.DataFrame, formats: dict[str, str] | None = None) -
     return "\n".join(lines)
 
 
-def report_markdown(pred: analysis.Predictions, figures: dict[str, Path]) -> str:
+def report_markdown(pred: Predictions, figures: dict[str, Path]) -> str:
     """The text of report.md: numbers, small tables and the figures by relative name."""
     numbers = analysis.summary(pred)
     table = analysis.prediction_table(pred)

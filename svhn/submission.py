@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +17,10 @@ import pandas as pd
 COLUMNS = ("file_name", "file_code")
 SAMPLE_SUBMISSION = "mchar_sample_submit_A.csv"
 _DIGITS = re.compile(r"[0-9]+")
+
+
+class OutputError(ValueError):
+    """An output file that cannot be written where it was asked for."""
 
 
 class SubmissionError(ValueError):
@@ -97,14 +101,41 @@ def temporary_path(path: Path) -> Path:
 def write_submission(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write the CSV atomically: readers see the old file or the whole new one, never half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        frame.to_csv(tmp, index=False, columns=list(COLUMNS))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_all_or_none({path: submission_writer(frame)})
     return path
+
+
+def submission_writer(frame: pd.DataFrame) -> Callable[[Path], object]:
+    """Writes the submission's CSV to the path it is given (see ``write_all_or_none``)."""
+    return lambda target: frame.to_csv(target, index=False, columns=list(COLUMNS))
+
+
+def write_all_or_none(writers: dict[Path, Callable[[Path], object]]) -> None:
+    """Write a set of files (a CSV and its probabilities, say) all or none: each writer
+    fills a temporary sibling of its file; only when every one has succeeded are they
+    renamed into place. On any failure no temporary file is left and no target changed."""
+    temporaries = {path: temporary_path(path) for path in writers}
+    try:
+        for path, write in writers.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(temporaries[path])
+        for path, tmp in temporaries.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temporaries.values():
+            tmp.unlink(missing_ok=True)
+
+
+def check_writable(paths: Sequence[Path]) -> None:
+    """Fail before any work when an output cannot be written (a folder in the way, a
+    read-only folder), naming the path."""
+    for path in paths:
+        if path.is_dir():
+            raise OutputError(f"{path} is a folder; give a file name with --out.")
+        folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+        if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputError(f"{path}: cannot write there ({folder} is not a writable "
+                              "folder); choose another --out.")
 
 
 def compare_with_sample(frame: pd.DataFrame, sample: pd.DataFrame) -> list[str]:

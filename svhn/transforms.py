@@ -27,8 +27,6 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESETS = ("none", "baseline", "strong", "zoom")
 TUTORIAL_ZOOM = 16 / 15  # a 60x120 crop of 64x128 shown at 64x128
 TUTORIAL_SHIFT = 1 / 32  # the crop's offset: up to 2 of 64 pixels each way

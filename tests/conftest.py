@@ -74,7 +74,7 @@ def trained_checkpoint(
     assert math.isclose(best_score, _best_logged(log_dir / "metrics.csv"), abs_tol=1e-9)
     return TrainedCheckpoint(
         best=Path(callback.best_model_path),
-        last=Path(callback.last_model_path),
+        last=log_dir / "checkpoints" / "last.ckpt",
         val_seq_acc=best_score,
         log_dir=log_dir,
         data_dir=synthetic_data_dir,

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from svhn.checkpoints import load_reader
 from svhn.data import SVHNDataModule
 from svhn.fit import build_cli
 from svhn.module import DigitSequenceModel
@@ -126,7 +127,7 @@ def test_ddp_two_cpu_processes_count_each_val_image_once(one_digit_data, tmp_pat
     run_dir = tmp_path / "runs" / "default" / "version_0"
     logged = metrics_of(run_dir)["val/seq_acc"].dropna().iloc[-1]
 
-    model = DigitSequenceModel.load_for_inference(run_dir / "checkpoints" / "last.ckpt")
+    model = DigitSequenceModel.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     data = SVHNDataModule(str(one_digit_data), image_size=(32, 64), max_len=2, num_workers=0,
                           cache_dir=str(tmp_path / "cache"))
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False,
@@ -143,7 +144,10 @@ def test_last_checkpoint_is_refreshed_even_when_val_does_not_improve(one_digit_d
                              "--model.scheduler", "none"))
     callback = cli.trainer.checkpoint_callback
     assert "epoch000" in Path(callback.best_model_path).name
-    assert torch.load(callback.last_model_path, weights_only=False)["epoch"] == 2
+    last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 2
+    assert sorted(p.name for p in last.parent.iterdir()) == [
+        Path(callback.best_model_path).name, "last.ckpt"]  # no last-v1.ckpt copies
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
@@ -159,7 +163,27 @@ def test_zoom_overlay_composes_with_a_backbone_config(capsys):
         build_cli(["--config", str(REPO / "configs/resnet50.yaml"),
                    "--config", str(REPO / "configs/zoom.yaml"), "--print_config"])
     out = capsys.readouterr().out
-    assert "backbone: resnet50" in out and "zoom: true" in out and "augment: zoom" in out
+    assert "backbone: resnet50" in out and "zoom_steps: 3" in out and "augment: zoom" in out
+
+
+@pytest.mark.parametrize("chain,expected", [
+    (["zoom.yaml", "real_cpu.yaml"], ["backbone: resnet18", "zoom_steps: 3", "augment: zoom",
+                                      "box_head: true", "eval_scale: 2.0"]),
+    (["resnet18.yaml", "resnet50.yaml"], ["backbone: resnet50", "pretrained: true",
+                                          "augment: strong", "precision: bf16-mixed"]),
+])
+def test_recipe_chains_of_overlays_compose(chain, expected, capsys):
+    args = [a for name in chain for a in ("--config", str(REPO / "configs" / name))]
+    with pytest.raises(SystemExit):
+        build_cli([*args, "--print_config"])
+    out = capsys.readouterr().out
+    assert all(line in out for line in expected), out
+
+
+def test_an_overlay_run_without_its_base_stops_with_the_chain_to_use(capsys):
+    with pytest.raises(ValueError, match="configs/zoom.yaml"):
+        build_cli(["--config", str(REPO / "configs" / "real_cpu.yaml"), "--trainer.fast_dev_run",
+                   "true", "--data.data_dir", "nowhere"])
 
 
 def test_ema_weights_are_what_the_checkpoints_keep(one_digit_data, tmp_path):
@@ -173,10 +197,12 @@ def test_ema_weights_are_what_the_checkpoints_keep(one_digit_data, tmp_path):
                      *fit_args(one_digit_data, tmp_path, "--trainer.max_epochs", "2",
                                "--trainer.limit_train_batches", "3")])
     for path in (cli.trainer.checkpoint_callback.best_model_path,
-                 cli.trainer.checkpoint_callback.last_model_path):
+                 Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"):
         saved = torch.load(path, weights_only=False)
         averaged, current = saved["state_dict"], saved["current_model_state"]
-        name = next(k for k in averaged if k.startswith("backbone.") and k.endswith("weight"))
+        name = next(k for k in averaged
+                    if k.startswith("reader.backbone.") and k.endswith("weight"))
         assert not torch.equal(averaged[name], current[name])
-        model = DigitSequenceModel.load_for_inference(path)
-        assert torch.equal(model.state_dict()[name], averaged[name])  # predict reads the EMA
+        reader = load_reader(path)
+        assert torch.equal(reader.state_dict()[name.removeprefix("reader.")],
+                           averaged[name])  # predict reads the EMA

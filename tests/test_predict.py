@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from svhn import predict
+from svhn.inference import predict_split
 from svhn.labels import BLANK, decode_probabilities
 from svhn.score import score_file
 from svhn.submission import SAMPLE_SUBMISSION, is_digit_code, read_submission
@@ -30,9 +31,9 @@ def run_predict(trained, *checkpoints: Path, out: Path, split: str = "val",
 
 
 def plain_probabilities(trained, checkpoint: Path, split: str = "val"):
-    return predict.predict_probabilities(
-        [checkpoint], trained.data_dir, split, cache_dir=trained.cache_dir,
-        accelerator="cpu", num_workers=0, batch_size=16)
+    result = predict_split([checkpoint], trained.data_dir, split, cache_dir=trained.cache_dir,
+                           accelerator="cpu", num_workers=0, batch_size=16)
+    return result.file_names, result.probs
 
 
 @pytest.fixture(scope="module")
@@ -112,16 +113,6 @@ def test_bf16_channels_last_prediction_is_close_to_float32(trained_checkpoint, v
     assert 0 < difference < 0.05  # bf16 really ran, and rounding moved little
 
 
-def test_views_are_deterministic_and_keep_the_shape():
-    images = torch.randn(2, 3, 16, 32)
-    assert torch.equal(predict.VIEWS["identity"](images), images)
-    for name in predict.TTA_VIEWS:
-        view = predict.VIEWS[name](images)
-        assert view.shape == images.shape
-        assert torch.equal(view, predict.VIEWS[name](images))
-    assert not torch.allclose(predict.VIEWS["shift_left"](images), images)
-
-
 # ---------------------------------------------------------------------------- DDP
 
 
@@ -183,22 +174,6 @@ def test_missing_checkpoint_is_a_clear_error(trained_checkpoint, tmp_path, capsy
     ghost = tmp_path / "ghost.ckpt"
     assert run_predict(trained_checkpoint, ghost, out=tmp_path / "x.csv") == 2
     assert f"{ghost}: checkpoint not found" in capsys.readouterr().err
-
-
-def test_settings_come_from_the_checkpoint_or_defaults(trained_checkpoint, tmp_path):
-    assert predict.read_data_settings(trained_checkpoint.best) == predict.DataSettings(
-        image_size=(64, 128), cache_scale=1.0, max_len=5)
-    content = torch.load(trained_checkpoint.best, map_location="cpu", weights_only=False)
-    del content["datamodule_hyper_parameters"]
-    bare = tmp_path / "bare.ckpt"
-    torch.save(content, bare)
-    assert predict.read_data_settings(bare) == predict.DataSettings()
-
-
-def test_ensemble_members_must_share_max_len():
-    settings = [predict.DataSettings(max_len=5), predict.DataSettings(max_len=6)]
-    with pytest.raises(predict.CheckpointError, match=r"a.ckpt: 5, b.ckpt: 6"):
-        predict.shared_max_len(settings, [Path("a.ckpt"), Path("b.ckpt")])
 
 
 def test_default_output_path_names_the_checkpoints():

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 
 from svhn import analysis, plots, report
+from svhn.checkpoints import read_checkpoint
+from svhn.inference import Predictions
 from svhn.labels import BLANK, NUM_CLASSES
 from svhn.synthetic import generate_dataset
 
@@ -44,7 +46,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def pred(tiny: dict[str, Path]) -> analysis.Predictions:
+def pred(tiny: dict[str, Path]) -> Predictions:
     return analysis.predict_split(tiny["ckpt"], tiny["data"], "val", tiny["cache"])
 
 
@@ -96,7 +98,7 @@ def test_report_cli_explains_a_missing_checkpoint(tmp_path, capsys):
 def test_scores_match_what_training_logged(tiny, pred):
     """The analysis counts like SequenceMetrics: the checkpoint's epoch row agrees."""
     metrics = analysis.read_metrics(analysis.run_dir_of(tiny["ckpt"]))
-    epoch = analysis.checkpoint_info(tiny["ckpt"]).epoch
+    epoch = read_checkpoint(tiny["ckpt"]).epoch
     logged = metrics[(metrics["epoch"] == epoch) & metrics["val/char_acc"].notna()].iloc[-1]
     numbers = analysis.summary(pred)
     assert numbers["images"] == 40
@@ -130,13 +132,13 @@ TARGETS = torch.tensor([[1, 2, B, B, B], [3, B, B, B, B], [4, 5, 6, B, B], [7, B
 READ = [[1, 2, B, B, B], [B, 3, B, B, B], [4, 5, 8, B, B], [9, B, B, B, B]]
 
 
-def hand_made_predictions(tmp_path: Path) -> analysis.Predictions:
+def hand_made_predictions(tmp_path: Path) -> Predictions:
     names = [f"{i:06d}.png" for i in range(4)]
-    paths = [tmp_path / n for n in names]
-    for p in paths:
-        Image.new("RGB", (30, 15), (200, 50, 50)).save(p)
-    return analysis.Predictions(Path("x.ckpt"), tmp_path, "val", names, paths,
-                                one_hot(READ, [0.9, 0.8, 0.7, 0.95]), TARGETS)
+    (tmp_path / "mchar_val").mkdir()
+    for name in names:
+        Image.new("RGB", (30, 15), (200, 50, 50)).save(tmp_path / "mchar_val" / name)
+    return Predictions(names, one_hot(READ, [0.9, 0.8, 0.7, 0.95]), targets=TARGETS,
+                       checkpoints=[Path("x.ckpt")], data_dir=tmp_path, split="val")
 
 
 def test_accuracy_tables_on_hand_made_predictions(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from svhn.models import TIMM_EXAMPLES, available_backbones, create_backbone
+from svhn.backbones import TIMM_EXAMPLES, available_backbones, create_backbone
 
 
 @pytest.mark.parametrize("name", available_backbones())
@@ -60,6 +60,6 @@ def test_unknown_backbone_and_pretrained_classic_are_errors():
 
 
 def test_models_cli_prints_the_table():
-    out = subprocess.run([sys.executable, "-m", "svhn.models", "--timm", "resnet18"],
+    out = subprocess.run([sys.executable, "-m", "svhn.backbones", "--timm", "resnet18"],
                          capture_output=True, text=True, check=True).stdout
     assert "simple_cnn" in out and "resnet18" in out and "(1, 512)" in out

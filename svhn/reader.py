@@ -1,0 +1,184 @@
+"""The reader: a plain ``nn.Module`` that reads a house number from an image batch.
+
+``DigitReader(images) -> {"logits": (B, max_len, 11), ...}``: a backbone (``svhn.backbones``)
+feeding ``max_len`` parallel per-character heads, and optionally a box head that predicts
+where the digits are. With ``zoom_steps > 0`` it reads the whole image, then reads again
+``zoom_steps`` times on a crop around the box it found, each crop cut around the box the
+previous crop predicted; the last crop's reading is the answer. No Lightning here: training
+lives in ``svhn.module``, prediction in ``svhn.inference``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from svhn.backbones import create_backbone, input_normalization
+from svhn.images import DEFAULT_IMAGE_SIZE
+from svhn.labels import DEFAULT_MAX_LEN, NUM_CLASSES
+from svhn.transforms import ZOOM_CROP_MARGIN
+
+
+class DigitHeads(nn.Module):
+    """``max_len`` independent classifiers over the same features -> (B, max_len, 11)."""
+
+    def __init__(self, num_features: int, max_len: int, hidden_dim: int = 0,
+                 dropout: float = 0.0):
+        super().__init__()
+        if hidden_dim > 0:
+            self.shared = nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, hidden_dim),
+                                        nn.ReLU(inplace=True))
+            num_features = hidden_dim
+        else:
+            self.shared = nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleList(nn.Linear(num_features, NUM_CLASSES) for _ in range(max_len))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(self.shared(features))
+        return torch.stack([head(hidden) for head in self.heads], dim=1)
+
+
+class DigitReader(nn.Module):
+    """Backbone -> features -> ``max_len`` heads of 11 classes (+ box head, + zoom reads).
+
+    Args:
+        backbone: a classic name (simple_cnn, lenet5, alexnet, vgg, nin, googlenet) or any
+            timm model name (resnet18, resnet50, ...).
+        pretrained: ImageNet weights through timm (needs network or the hub cache).
+        pretrained_weights: a local weights file for the timm backbone (the offline way).
+        max_len: digit positions.
+        image_size: (height, width) the network reads; larger inputs (evaluation at the data
+            module's ``eval_scale``) are resized for the first read and zoom crops come
+            from them.
+        hidden_dim: optional shared hidden layer before the heads (0 = none).
+        dropout: dropout before the heads.
+        feature_grid: pool the backbone's last feature maps to this (rows, cols) grid instead
+            of its own pooling; keeps position for the box head. None = backbone's own.
+        box_head: also predict the box around the digits (normalised x0, y0, x1, y1).
+        zoom_steps: crop reads after the whole-image read when not training (0 = none; needs
+            the box head). Train with the ``zoom`` augmentation so such crops are familiar.
+        zoom_margin: each crop grows the predicted box by this fraction of its size per side
+            (default: the margin of the ``zoom`` augmentation's tight crops).
+        channels_last: feed the convolutions channels-last (faster on GPUs, and on CPUs with
+            AMX under bf16).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "simple_cnn",
+        pretrained: bool = False,
+        pretrained_weights: str | None = None,
+        max_len: int = DEFAULT_MAX_LEN,
+        image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+        hidden_dim: int = 0,
+        dropout: float = 0.0,
+        feature_grid: tuple[int, int] | None = None,
+        box_head: bool = False,
+        zoom_steps: int = 0,
+        zoom_margin: float = ZOOM_CROP_MARGIN,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        if zoom_steps < 0:
+            raise ValueError(f"zoom_steps must be 0 (no zoom) or more, got {zoom_steps}.")
+        if zoom_steps and not box_head:
+            raise ValueError("zoom_steps > 0 needs box_head: true (the box says where to zoom); "
+                             "configs/zoom.yaml sets both: --config configs/zoom.yaml.")
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.zoom_steps = zoom_steps
+        self.zoom_margin = zoom_margin
+        self.channels_last = channels_last
+        self.backbone = create_backbone(backbone, pretrained, pretrained_weights, feature_grid)
+        features = self.backbone.num_features
+        self.heads = DigitHeads(features, max_len, hidden_dim, dropout)
+        self.box_regressor = nn.Linear(features, 4) if box_head else None
+        mean, std = input_normalization(self.backbone)
+        # Not saved: they follow from the backbone, and older checkpoints do not have them.
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255,
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255,
+                             persistent=False)
+        self.compiled_backbone: nn.Module | None = None
+        self.apply_memory_format()
+
+    def apply_memory_format(self) -> DigitReader:
+        """Weights in channels-last layout when ``channels_last`` is set."""
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self
+
+    def compile_backbone(self) -> None:
+        """Run the backbone through ``torch.compile``; kept out of the module tree so the
+        weights keep their plain names in checkpoints."""
+        if self.compiled_backbone is None:
+            object.__setattr__(self, "compiled_backbone", torch.compile(self.backbone))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batches (as the data module sends them) -> floats normalised for this
+        backbone, on the reader's device; float batches are taken as already normalised."""
+        if images.dtype != torch.uint8:
+            return images
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def read(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One pass over normalised images at ``image_size``: ``logits`` (B, max_len, 11)
+        and, with a box head, ``box`` (B, 4)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        backbone = self.compiled_backbone or self.backbone
+        features = backbone(images)
+        out = {"logits": self.heads(features)}
+        if self.box_regressor is not None:
+            out["box"] = self.box_regressor(features).sigmoid()
+        return out
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Like ``read`` on the whole image; with ``zoom_steps`` outside training, the logits
+        come from the last crop read, ``box`` is the last box predicted (whole-image
+        coordinates) and ``first_pass_logits`` keeps the whole-image read's."""
+        images = self.normalize(images)
+        whole = images
+        if tuple(images.shape[-2:]) != self.image_size:
+            whole = F.interpolate(images, size=self.image_size, mode="bilinear",
+                                  antialias=True, align_corners=False)
+        out = self.read(whole)
+        if not self.zoom_steps or self.training:
+            return out
+        box = out["box"].float()
+        for _ in range(self.zoom_steps):
+            region = crop_region(box, self.zoom_margin)
+            crop_out = self.read(crop_boxes(images, box, self.zoom_margin, self.image_size))
+            box = box_from_crop(crop_out["box"].float(), region)
+        return {"logits": crop_out["logits"], "box": box, "first_pass_logits": out["logits"]}
+
+
+# -- zoom geometry (normalised x0, y0, x1, y1 boxes) ---------------------------------------
+def crop_region(boxes: torch.Tensor, margin: float, min_size: float = 0.1) -> torch.Tensor:
+    """The normalised region ``crop_boxes`` cuts: each box grown by ``margin`` of its size
+    per side (at least ``min_size`` of the image), clipped to the image."""
+    boxes = boxes.detach().float()
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=min_size) * (1 + 2 * margin)
+    return torch.cat([centre - size / 2, centre + size / 2], dim=1).clamp(0, 1)
+
+
+def box_from_crop(boxes: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """Boxes predicted inside crops of ``regions`` -> normalised whole-image coordinates."""
+    origin, extent = regions[:, :2], regions[:, 2:] - regions[:, :2]
+    return torch.cat([origin + boxes[:, :2] * extent, origin + boxes[:, 2:] * extent], dim=1)
+
+
+def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, margin: float,
+               output_size: tuple[int, int], min_size: float = 0.1) -> torch.Tensor:
+    """Crop each image around its normalised (x0, y0, x1, y1) box, grown by ``margin`` of
+    its size per side, and resample the crop to ``output_size`` (bilinear)."""
+    height, width = images.shape[-2:]
+    corners = crop_region(boxes, margin, min_size)
+    scale = torch.tensor([width, height, width, height], device=images.device)
+    index = torch.arange(len(images), device=images.device, dtype=torch.float32)[:, None]
+    rois = torch.cat([index, corners * scale], dim=1).to(images.dtype)
+    return roi_align(images, rois, output_size=tuple(output_size), spatial_scale=1.0,
+                     sampling_ratio=2, aligned=True)

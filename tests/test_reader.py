@@ -1,0 +1,114 @@
+"""The reader (a plain nn.Module): normalisation, heads, box head and the zoom geometry."""
+
+import pytest
+import torch
+
+import svhn.reader
+from svhn.reader import DigitReader, box_from_crop, crop_boxes, crop_region
+
+
+def test_reader_reads_without_lightning():
+    reader = DigitReader(backbone="simple_cnn", max_len=4).eval()
+    assert not any("lightning" in type(m).__module__ for m in reader.modules())
+    with torch.no_grad():
+        out = reader(torch.randint(0, 255, (2, 3, 64, 128), dtype=torch.uint8))
+    assert set(out) == {"logits"} and out["logits"].shape == (2, 4, 11)
+
+
+def test_crop_boxes_cuts_out_the_box_and_resamples_it():
+    images = torch.zeros(2, 1, 40, 80)
+    images[0, :, 10:20, 40:60] = 1.0  # a white block at x 0.5-0.75, y 0.25-0.5
+    boxes = torch.tensor([[0.5, 0.25, 0.75, 0.5], [0.0, 0.0, 1.0, 1.0]])
+    crops = crop_boxes(images, boxes, margin=0.0, output_size=(20, 40))
+    assert crops.shape == (2, 1, 20, 40)
+    assert crops[0, :, 2:-2, 2:-2].min() > 0.99  # inside the box: all block
+    assert crops[1].abs().max().item() == 0.0  # an empty image stays empty
+
+
+def test_uint8_batches_are_normalised_with_the_backbone_s_statistics():
+    pixels = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    resnet = DigitReader(backbone="resnet18")
+    assert resnet.normalize(pixels)[0, 0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229,
+                                                                         rel=1e-5)
+    vit = DigitReader(backbone="vit_tiny_patch16_224", image_size=(224, 224))
+    assert vit.normalize(pixels)[0, 0, 0, 0].item() == pytest.approx((1 - 0.5) / 0.5)
+    floats = torch.randn(1, 3, 2, 2)
+    assert resnet.normalize(floats) is floats  # floats are taken as already normalised
+
+
+def test_zoom_reads_again_on_the_predicted_box_only_when_evaluating():
+    reader = DigitReader(backbone="simple_cnn", box_head=True, zoom_steps=1,
+                         image_size=(32, 64)).eval()
+    with torch.no_grad():
+        out = reader(torch.randint(0, 255, (3, 3, 64, 128), dtype=torch.uint8))
+    assert out["logits"].shape == (3, 5, 11) and out["box"].shape == (3, 4)
+    assert not torch.allclose(out["logits"], out["first_pass_logits"])
+    reader.train()
+    assert "first_pass_logits" not in reader(torch.zeros(2, 3, 32, 64))
+
+
+def test_no_zoom_means_one_read_even_with_a_box_head():
+    reader = DigitReader(backbone="simple_cnn", box_head=True, zoom_steps=0).eval()
+    with torch.no_grad():
+        out = reader(torch.zeros(1, 3, 64, 128))
+    assert set(out) == {"logits", "box"}
+
+
+def test_a_box_predicted_in_a_crop_maps_back_to_the_whole_image():
+    boxes = torch.tensor([[0.4, 0.2, 0.6, 0.4]])
+    region = crop_region(boxes, margin=0.5)  # grown by half its size per side
+    assert torch.allclose(region, torch.tensor([[0.3, 0.1, 0.7, 0.5]]))
+    whole_crop = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    assert torch.allclose(box_from_crop(whole_crop, region), region)
+    middle = torch.tensor([[0.25, 0.25, 0.75, 0.75]])
+    assert torch.allclose(box_from_crop(middle, region), boxes)
+
+
+def test_crop_region_keeps_a_minimum_size_and_stays_inside_the_image():
+    tiny_at_edge = torch.tensor([[0.99, 0.0, 1.0, 0.01]])
+    region = crop_region(tiny_at_edge, margin=0.0, min_size=0.1)
+    assert (region >= 0).all() and (region <= 1).all()
+    assert region[0, 3].item() == pytest.approx(0.055)  # centre 0.005 + half of 0.1
+    assert region[0, 0].item() == pytest.approx(0.945)  # centre 0.995 - 0.05, then clipped
+
+
+def test_each_zoom_step_crops_around_the_box_the_last_crop_found(monkeypatch):
+    reader = DigitReader(backbone="simple_cnn", box_head=True, zoom_steps=3, zoom_margin=0.0,
+                         image_size=(32, 64)).eval()
+    # Every read says "the digits are in the left half of what I see", so each crop should
+    # be the left half of the previous one: widths 1/2, 1/4, 1/8 of the image.
+    reads, cropped_around = [], []
+
+    def fake_read(images):
+        reads.append(images.shape)
+        return {"logits": torch.full((len(images), 5, 11), float(len(reads))),
+                "box": torch.tensor([[0.0, 0.0, 0.5, 1.0]]).expand(len(images), 4)}
+
+    def recording_crop(images, boxes, *args, **kwargs):
+        cropped_around.append(boxes.clone())
+        return crop_boxes(images, boxes, *args, **kwargs)
+
+    monkeypatch.setattr(reader, "read", fake_read)
+    monkeypatch.setattr(svhn.reader, "crop_boxes", recording_crop)
+    out = reader(torch.zeros(1, 3, 32, 64))
+    assert len(reads) == 4  # the whole image, then three crops
+    assert out["logits"].max() == 4 and out["first_pass_logits"].max() == 1
+    widths = [box[0, 2].item() for box in cropped_around]
+    assert widths == pytest.approx([0.5, 0.25, 0.125])
+    assert torch.allclose(out["box"], torch.tensor([[0.0, 0.0, 0.0625, 1.0]]))
+
+
+def test_zoom_steps_must_not_be_negative():
+    with pytest.raises(ValueError, match="zoom_steps must be 0"):
+        DigitReader(box_head=True, zoom_steps=-1)
+
+
+def test_zoom_without_box_head_is_an_error_naming_the_overlay():
+    with pytest.raises(ValueError, match="needs box_head.*configs/zoom.yaml"):
+        DigitReader(zoom_steps=2)
+
+
+def test_channels_last_reader_keeps_weights_channels_last():
+    reader = DigitReader(backbone="resnet18", channels_last=True)
+    weight = next(p for p in reader.backbone.parameters() if p.dim() == 4)
+    assert weight.is_contiguous(memory_format=torch.channels_last)

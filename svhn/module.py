@@ -8,6 +8,8 @@ to the reader, the rest are training settings.
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -20,11 +22,9 @@ from svhn.checkpoints import (
     reader_weights,
     upgrade_state_dict,
 )
-from svhn.images import DEFAULT_IMAGE_SIZE
-from svhn.labels import DEFAULT_MAX_LEN, NUM_CLASSES
+from svhn.labels import NUM_CLASSES
 from svhn.metrics import SequenceMetrics, whole_string_correct
 from svhn.reader import DigitReader
-from svhn.transforms import ZOOM_CROP_MARGIN
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle", "step")
@@ -32,10 +32,9 @@ STAGES = ("train", "val", "test")
 
 
 class DigitSequenceModel(L.LightningModule):
-    """Trains a ``DigitReader`` (see it for the network's arguments).
-
-    Reader args: backbone, pretrained, pretrained_weights, max_len, image_size, hidden_dim,
-    dropout, feature_grid, box_head, zoom_steps (0 = no zoom), zoom_margin, channels_last.
+    """Trains a ``DigitReader``; ``reader_args`` are its arguments (backbone, pretrained,
+    pretrained_weights, max_len, image_size, hidden_dim, dropout, feature_grid, box_head,
+    zoom_steps, zoom_margin, channels_last: see ``svhn.reader.DigitReader``).
 
     Training args:
         label_smoothing: cross-entropy label smoothing.
@@ -52,18 +51,6 @@ class DigitSequenceModel(L.LightningModule):
 
     def __init__(
         self,
-        backbone: str = "simple_cnn",
-        pretrained: bool = False,
-        pretrained_weights: str | None = None,
-        max_len: int = DEFAULT_MAX_LEN,
-        image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
-        hidden_dim: int = 0,
-        dropout: float = 0.0,
-        feature_grid: tuple[int, int] | None = None,
-        box_head: bool = False,
-        zoom_steps: int = 0,
-        zoom_margin: float = ZOOM_CROP_MARGIN,
-        channels_last: bool = False,
         label_smoothing: float = 0.0,
         box_loss_weight: float = 1.0,
         init_from: str | None = None,
@@ -75,6 +62,7 @@ class DigitSequenceModel(L.LightningModule):
         step_epochs: int = 10,
         compile: bool = False,
         zoom: bool | None = None,
+        **reader_args: Any,
     ):
         super().__init__()
         if zoom is not None:
@@ -86,17 +74,16 @@ class DigitSequenceModel(L.LightningModule):
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler {scheduler!r}: choose one of {SCHEDULERS}.")
         self.save_hyperparameters(ignore=["zoom"])
-        self.reader = DigitReader(
-            backbone=backbone, pretrained=pretrained, pretrained_weights=pretrained_weights,
-            max_len=max_len, image_size=image_size, hidden_dim=hidden_dim, dropout=dropout,
-            feature_grid=feature_grid, box_head=box_head, zoom_steps=zoom_steps,
-            zoom_margin=zoom_margin, channels_last=channels_last)
+        # The reader's own settings (--model.backbone, --model.zoom_steps, ...): LightningCLI
+        # reads them from DigitReader's signature, so they are written down once.
+        self.reader = DigitReader(**reader_args)
         if init_from:
             self._start_from(init_from)
         # ModuleDict keys cannot be "train" (an nn.Module attribute), hence the suffix.
         self.metrics = torch.nn.ModuleDict(
-            {f"{stage}_metrics": SequenceMetrics(max_len) for stage in STAGES})
-        self.first_pass_seq_acc = MeanMetric() if zoom_steps else None
+            {f"{stage}_metrics": SequenceMetrics(len(self.reader.heads.heads))
+             for stage in STAGES})
+        self.first_pass_seq_acc = MeanMetric() if self.reader.zoom_steps else None
 
     def _start_from(self, checkpoint: str) -> None:
         """Fine-tuning: every reader tensor whose name and shape match (heads may differ,

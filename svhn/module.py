@@ -8,6 +8,7 @@ to the reader, the rest are training settings.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -20,6 +21,7 @@ from svhn.checkpoints import (
     CheckpointError,
     read_checkpoint,
     reader_weights,
+    upgrade_hyperparameters,
     upgrade_state_dict,
 )
 from svhn.labels import NUM_CLASSES
@@ -46,7 +48,8 @@ class DigitSequenceModel(L.LightningModule):
             step_epochs).
         step_epochs: epochs between decays for the step scheduler.
         compile: run the backbone through torch.compile.
-        zoom: removed; ``zoom_steps`` alone turns zoom on (kept to say so clearly).
+        zoom: replaced by ``zoom_steps``; still read (with a warning) so older configs and
+            checkpoints keep their meaning.
     """
 
     def __init__(
@@ -66,14 +69,17 @@ class DigitSequenceModel(L.LightningModule):
     ):
         super().__init__()
         if zoom is not None:
-            raise ValueError("model.zoom was replaced by model.zoom_steps: set zoom_steps to "
-                             "the number of crop reads (3 in configs/zoom.yaml; 0 = no zoom) "
-                             "and drop zoom.")
+            # Format-1 settings (old configs, and the hyper-parameters LightningCLI reads back
+            # from an older checkpoint): mapped as they were meant, with a word on the new knob.
+            warnings.warn("model.zoom is replaced by model.zoom_steps (0 = no zoom; 3 in "
+                          "configs/zoom.yaml): drop zoom and set zoom_steps.", stacklevel=2)
+            reader_args = upgrade_hyperparameters({**reader_args, "zoom": zoom})
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {optimizer!r}: choose one of {OPTIMIZERS}.")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler {scheduler!r}: choose one of {SCHEDULERS}.")
         self.save_hyperparameters(ignore=["zoom"])
+        self.hparams.update(reader_args)  # zoom_steps as mapped above
         # The reader's own settings (--model.backbone, --model.zoom_steps, ...): LightningCLI
         # reads them from DigitReader's signature, so they are written down once.
         self.reader = DigitReader(**reader_args)

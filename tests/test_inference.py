@@ -119,3 +119,18 @@ def test_gathered_rows_must_cover_each_image_exactly_once():
     assert merged.file_names == ["a", "b"] and merged.probs.flatten().tolist() == [1.0, 0.0]
     with pytest.raises(RuntimeError, match="exactly once"):
         inference._merge_sorted([part, part], ["a", "b"])
+
+
+def test_a_previous_format_checkpoint_validates_through_the_fit_cli(synthetic_data_dir,
+                                                                     tmp_path):
+    from svhn.fit import build_cli
+
+    legacy = FIXTURES / "legacy_plain.ckpt"
+    cli = build_cli(["validate", "--ckpt_path", str(legacy),
+                     "--data.data_dir", str(synthetic_data_dir), "--data.num_workers", "0",
+                     "--data.cache_dir", str(tmp_path / "cache"),
+                     "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+    # Its weights (top-level names in format 1) were loaded into the reader, not ignored.
+    expected = torch.load(legacy, weights_only=False)["state_dict"]
+    name = next(k for k in expected if k.startswith("heads."))
+    assert torch.equal(cli.model.reader.state_dict()[name], expected[name])

@@ -90,6 +90,10 @@ def test_channels_last_can_be_chosen_at_inference(zoom_run):
     assert not load_reader(last).channels_last
 
 
-def test_the_removed_zoom_flag_names_its_replacement():
-    with pytest.raises(ValueError, match="model.zoom was replaced by model.zoom_steps"):
-        DigitSequenceModel(box_head=True, zoom=True)
+def test_the_replaced_zoom_flag_keeps_its_meaning_and_names_its_replacement():
+    with pytest.warns(UserWarning, match="model.zoom is replaced by model.zoom_steps"):
+        off = DigitSequenceModel(box_head=True, zoom=False, zoom_steps=1)
+    assert off.reader.zoom_steps == 0 and off.hparams.zoom_steps == 0
+    with pytest.warns(UserWarning, match="zoom_steps"):
+        on = DigitSequenceModel(box_head=True, zoom=True, zoom_steps=2)
+    assert on.reader.zoom_steps == 2 and "zoom" not in on.hparams

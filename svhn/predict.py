@@ -191,8 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or default_output_path(args.checkpoints, args.split, args.tta)
     outputs = [out, probs_path_for(out)] if args.save_probs else [out]
     try:
-        refuse_to_overwrite(outputs, args.overwrite)
         check_writable(outputs)
+        refuse_to_overwrite(outputs, args.overwrite)
         _check_data(args.data_dir, args.split)
         result = predict_split(
             args.checkpoints, args.data_dir, args.split, views=views,

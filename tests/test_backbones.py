@@ -63,3 +63,27 @@ def test_models_cli_prints_the_table():
     out = subprocess.run([sys.executable, "-m", "svhn.backbones", "--timm", "resnet18"],
                          capture_output=True, text=True, check=True).stdout
     assert "simple_cnn" in out and "resnet18" in out and "(1, 512)" in out
+
+
+def test_pretrained_without_network_fails_at_once_naming_the_offline_ways(monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("svhn.backbones.socket.create_connection", unreachable)
+    with pytest.raises(ValueError, match="cannot be reached") as error:
+        create_backbone("resnet18", pretrained=True)
+    for way in ("--model.pretrained_weights FILE", "HF_HUB_OFFLINE=1",
+                "--model.pretrained false"):
+        assert way in str(error.value)
+
+
+def test_hub_offline_mode_skips_the_network_check(monkeypatch):
+    checked = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("svhn.backbones.socket.create_connection",
+                        lambda *a, **k: checked.append(a))
+    monkeypatch.setattr("svhn.backbones.timm.create_model",
+                        lambda *a, **k: torch.nn.Identity())  # the hub cache is not ours
+    create_backbone("resnet18", pretrained=True)
+    assert checked == []

@@ -210,3 +210,50 @@ def test_real_test_a_matches_the_sample_submission(trained_checkpoint, tmp_path,
     assert frame["file_name"].tolist() == sample["file_name"].tolist()
     assert all(map(is_digit_code, frame["file_code"]))
     assert "Matches mchar_sample_submit_A.csv" in capsys.readouterr().out
+
+
+def test_an_output_that_cannot_be_written_stops_before_any_prediction(trained_checkpoint,
+                                                                      tmp_path, capsys,
+                                                                      monkeypatch):
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("prediction ran before the output path was checked")
+
+    monkeypatch.setattr(predict, "predict_split", no_prediction)
+    folder = tmp_path / "a_folder.csv"
+    folder.mkdir()
+    assert run_predict(trained_checkpoint, out=folder) == 2
+    assert f"{folder} is a folder" in capsys.readouterr().err
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    assert run_predict(trained_checkpoint, out=a_file / "x.csv") == 2
+    assert f"{a_file / 'x.csv'}: cannot write there" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder.csv", "notes.txt"]
+
+
+def test_csv_and_probabilities_are_written_all_or_none(trained_checkpoint, tmp_path,
+                                                       monkeypatch, capsys):
+    def broken_savez(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(predict.np, "savez", broken_savez)
+    out = tmp_path / "out" / "pair.csv"
+    with pytest.raises(OSError, match="disk full"):
+        run_predict(trained_checkpoint, out=out, extra=("--save_probs",))
+    assert not out.exists() and not predict.probs_path_for(out).exists()
+    assert list(out.parent.iterdir()) == []  # no temporary file left behind
+
+
+def test_a_checkpoint_predicts_in_the_precision_it_was_validated_in(trained_checkpoint,
+                                                                     tmp_path, capsys):
+    raw = torch.load(trained_checkpoint.best, weights_only=False)
+    raw["trainer_precision"] = "bf16-mixed"
+    bf16_trained = tmp_path / "bf16_trained.ckpt"
+    torch.save(raw, bf16_trained)
+    out = tmp_path / "auto.csv"
+    assert run_predict(trained_checkpoint, bf16_trained, out=out, extra=("--save_probs",)) == 0
+    assert "in bf16-mixed (as validated)" in capsys.readouterr().out
+    forced = tmp_path / "forced.csv"
+    assert run_predict(trained_checkpoint, bf16_trained, out=forced,
+                       extra=("--save_probs", "--precision", "bf16-mixed")) == 0
+    auto = np.load(predict.probs_path_for(out))["probs"]
+    np.testing.assert_array_equal(auto, np.load(predict.probs_path_for(forced))["probs"])

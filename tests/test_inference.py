@@ -129,6 +129,7 @@ def test_a_previous_format_checkpoint_validates_through_the_fit_cli(synthetic_da
     cli = build_cli(["validate", "--ckpt_path", str(legacy),
                      "--data.data_dir", str(synthetic_data_dir), "--data.num_workers", "0",
                      "--data.cache_dir", str(tmp_path / "cache"),
+                     "--trainer.default_root_dir", str(tmp_path),
                      "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
     # Its weights (top-level names in format 1) were loaded into the reader, not ignored.
     expected = torch.load(legacy, weights_only=False)["state_dict"]

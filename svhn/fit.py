@@ -19,14 +19,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
+from svhn.callbacks import RunSummaryWriter
 from svhn.data import SVHNDataModule
 from svhn.module import DigitSequenceModel
-from svhn.run_summary import (
-    RunSummaryWriter,
-    final_checkpoint,
-    not_held_out_message,
-    val_is_held_out,
-)
+from svhn.run_summary import final_checkpoint, not_held_out_message, val_is_held_out
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"

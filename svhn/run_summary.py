@@ -1,27 +1,23 @@
-"""A run's own record: ``run_summary.json`` beside its ``config.yaml``, and its result checkpoint.
+"""A run's own record, ``run_summary.json`` beside its ``config.yaml``, and its result.
 
-``svhn.fit`` adds ``RunSummaryWriter`` to every fit. It writes the recipe (the ``--config``
-chain as given, ``configs/default.yaml`` always implied), which splits were trained on and
-whether the validation split was held out, and one entry per fit session (a resumed run
-adds one) with its training time and how it ended. ``svhn.runs`` reads it back. The time
-runs from ``on_fit_start`` to the end of the fit: data caching and start-up are not in it.
+``svhn.fit`` adds ``svhn.callbacks.RunSummaryWriter`` to every fit. It writes the recipe
+(the ``--config`` chain as given, ``configs/default.yaml`` always implied), which splits
+were trained on and whether the validation split was held out, and one entry per fit
+session (a resumed run adds one) with its training time and how it ended. ``svhn.runs``
+reads it back. The time runs from ``on_fit_start`` to the end of the fit: data caching and
+start-up are not in it.
 
 ``final_checkpoint`` is the one rule for which checkpoint is a run's result: the best by
 ``val/seq_acc`` when the validation images were held out, otherwise ``last.ckpt`` (a
 checkpoint picked on images the model trained on would be picked on a score that says
-nothing about unseen images).
+nothing about unseen images). This module imports no Lightning, so ``svhn.runs`` starts fast.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 RUN_SUMMARY_FILE = "run_summary.json"
 LAST_CHECKPOINT = "last.ckpt"
@@ -37,15 +33,14 @@ def not_held_out_message(train_on: Any, val_on: Any) -> str:
     splits = ", ".join(str(s) for s in ([train_on] if isinstance(train_on, str) else train_on))
     return (f"Validation split '{val_on}' is also trained on (train_on: [{splits}]): "
             f"val/seq_acc is NOT a held-out score. The run's result is {LAST_CHECKPOINT} "
-            f"(the last epoch), not the checkpoint with the best val/seq_acc; fix max_epochs "
-            f"on a run with val held out first.")
+            f"(the last epoch), not the checkpoint with the best val/seq_acc; choose max_epochs "
+            f"on a run that holds val out first.")
 
 
 def last_checkpoint_path(trainer) -> str:
     """The checkpoint of the last epoch: the ModelCheckpoint without a monitor."""
     for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.monitor is None \
-                and callback.best_model_path:
+        if getattr(callback, "monitor", "") is None and getattr(callback, "best_model_path", ""):
             return callback.best_model_path
     callback = trainer.checkpoint_callback
     if callback is not None and callback.dirpath:
@@ -86,69 +81,10 @@ def recorded_seconds(summary: dict[str, Any]) -> float:
     return float(sum(s.get("seconds") or 0.0 for s in summary.get("sessions", [])))
 
 
-class RunSummaryWriter(Callback):
-    """Writes ``run_summary.json`` into the run folder at the start and end of each fit."""
-
-    def __init__(self, configs: list[str] | None = None) -> None:
-        self.configs = [str(c) for c in configs or []]
-        self.path: Path | None = None
-        self.summary: dict[str, Any] = {}
-        self._start = 0.0
-
-    @staticmethod
-    def run_dir(trainer) -> Path | None:
-        callback = trainer.checkpoint_callback
-        if callback is not None and callback.dirpath and Path(callback.dirpath).name == \
-                "checkpoints":
-            return Path(callback.dirpath).parent
-        return Path(trainer.log_dir) if trainer.log_dir else None
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        run_dir = self.run_dir(trainer)
-        if trainer.fast_dev_run or not trainer.is_global_zero or run_dir is None:
-            return
-        self.path = run_dir / RUN_SUMMARY_FILE
-        try:
-            self.summary = read_run_summary(run_dir) or {}
-        except ValueError:
-            self.summary = {}  # rewritten below rather than stopping a fit
-        hparams = getattr(trainer.datamodule, "hparams", {}) or {}
-        train_on, val_on = hparams.get("train_on", ("train",)), hparams.get("val_on", "val")
-        self.summary.setdefault("configs", self.configs)
-        self.summary.update(train_on=list(train_on), val_on=val_on,
-                            val_held_out=val_is_held_out(train_on, val_on))
-        self.summary.setdefault("sessions", []).append({
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "started_unix": time.time(), "seconds": None, "status": "started, not finished",
-            "configs": self.configs,
-        })
-        self._start = time.monotonic()
-        self._write()
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if self.path is None:
-            return
-        held_out = bool(self.summary.get("val_held_out", True))
-        checkpoint, why = final_checkpoint(trainer, held_out)
-        self.summary.update(checkpoint=checkpoint, checkpoint_choice=why)
-        self._end_session("finished")
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if self.path is None:
-            return
-        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else \
-            f"crashed ({type(exception).__name__})"
-        self._end_session(status)
-
-    def _end_session(self, status: str) -> None:
-        session = self.summary["sessions"][-1]
-        if session["seconds"] is None:
-            session.update(seconds=round(time.monotonic() - self._start, 2), status=status)
-            self._write()
-
-    def _write(self) -> None:
-        assert self.path is not None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(self.summary, indent=2) + "\n")
-        os.replace(partial, self.path)
+def write_run_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
+    """Replaces the run's ``run_summary.json`` in one step (never half written)."""
+    path = Path(run_dir) / RUN_SUMMARY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(summary, indent=2) + "\n")
+    partial.replace(path)

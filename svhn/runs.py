@@ -23,6 +23,7 @@ import argparse
 import fnmatch
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -32,7 +33,6 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from svhn.checkpoints import CheckpointError, read_checkpoint
 from svhn.run_summary import (
     LAST_CHECKPOINT,
     RUN_SUMMARY_FILE,
@@ -200,6 +200,8 @@ def _read_checkpoints(run_dir: Path, held_out: bool, problems: list[str]) -> dic
     else:
         problems.append("no last.ckpt" if not held_out else "no best checkpoint")
     if last.is_file() and not (run_dir / "metrics.csv").is_file():
+        from svhn.checkpoints import CheckpointError, read_checkpoint  # torch: slow import
+
         try:  # no metrics (e.g. a W&B run): the epoch count is in the checkpoint
             epoch = read_checkpoint(last).epoch
             result["last_epoch"] = int(epoch) if epoch is not None else None
@@ -248,14 +250,20 @@ def _first_line(err: BaseException) -> str:
 
 # -- the command line ---------------------------------------------------------------------
 def sort_runs(table: pd.DataFrame, column: str, reverse: bool = False) -> pd.DataFrame:
-    """Scores best first, everything else ascending; ``reverse`` flips; blanks last."""
+    """Scores best first, everything else ascending; ``reverse`` flips; blanks last.
+
+    By a score, runs whose validation split was held out come first: a score measured on
+    images the run trained on does not rank against held-out ones.
+    """
     column = SORT_ALIASES.get(column, column)
     if column not in table.columns:
         raise ValueError(f"--sort {column}: no such column; one of {', '.join(COLUMNS)}")
-    ascending = column not in SCORE_COLUMNS
-    if reverse:
-        ascending = not ascending
-    return table.sort_values(column, ascending=ascending, na_position="last", kind="stable")
+    ascending = (column not in SCORE_COLUMNS) != reverse
+    table = table.sort_values(column, ascending=ascending, na_position="last", kind="stable")
+    if column in SCORE_COLUMNS:
+        trained_on_val = table["val_held_out"].eq(False).fillna(False)
+        table = pd.concat([table[~trained_on_val], table[trained_on_val]])
+    return table
 
 
 def format_table(table: pd.DataFrame) -> str:
@@ -306,7 +314,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("runs_dir", nargs="?", default="runs", help="default: runs")
     parser.add_argument("--sort", metavar="COLUMN",
                         help=f"one of {', '.join(COLUMNS)} (or best, last, time); scores sort "
-                             "best first, the rest ascending")
+                             "best first (runs that trained on val after the others), the rest "
+                             "ascending")
     parser.add_argument("--reverse", action="store_true", help="flip the sort order")
     parser.add_argument("--name", metavar="PATTERN",
                         help="only runs whose name matches (shell pattern, e.g. 'resnet*')")
@@ -333,12 +342,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problems:
             print(f"svhn.runs: {run}: {problems}", file=sys.stderr)
     if args.json:
-        print(json.dumps(json.loads(table.to_json(orient="records")), indent=2))
+        text = json.dumps(json.loads(table.to_json(orient="records")), indent=2)
     elif table.empty:
-        print(f"No runs under {args.runs_dir}" + (f" named {args.name}" if args.name else "")
-              + " (python -m svhn.fit writes them there).")
+        text = (f"No runs under {args.runs_dir}" + (f" named {args.name}" if args.name else "")
+                + " (python -m svhn.fit writes them there).")
     else:
-        print(format_table(table))
+        text = format_table(table)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # e.g. piped into head
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

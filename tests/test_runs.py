@@ -18,10 +18,11 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import svhn.runs as runs_module
+from svhn.callbacks import RunSummaryWriter
 from svhn.data import SVHNDataModule
 from svhn.fit import build_cli
 from svhn.module import DigitSequenceModel
-from svhn.run_summary import RUN_SUMMARY_FILE, RunSummaryWriter, read_run_summary
+from svhn.run_summary import RUN_SUMMARY_FILE, read_run_summary
 from svhn.runs import COLUMNS, collect_runs, format_table, main, sort_runs
 
 NOT_HELD_OUT = "NOT a held-out score"
@@ -244,6 +245,13 @@ def test_sort_by_best_score_puts_the_best_first(fake_runs, capsys):
     assert [line.split()[0] for line in lines[1:4]] == order[::-1]
     table = sort_runs(collect_runs(fake_runs), "run")
     assert list(table["run"]) == ["alexnet/version_0", "lenet5/version_0", "vgg/version_0"]
+
+
+def test_by_score_runs_that_trained_on_val_sort_after_held_out_ones(fake_runs):
+    fake_run(fake_runs, "resnet18", [0.97, 0.99], train_on="[train, val]")
+    table = sort_runs(collect_runs(fake_runs), "best")
+    assert list(table["run"]) == ["vgg/version_0", "alexnet/version_0", "lenet5/version_0",
+                                  "resnet18/version_0"]
 
 
 def test_sort_by_an_unknown_column_is_a_clear_error(fake_runs, capsys):

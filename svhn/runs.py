@@ -133,6 +133,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         row["epochs"] = checkpoints["last_epoch"] + 1
 
     row["train_seconds"], row["time_source"] = _train_time(run_dir, summary)
+    if summary is not None and n_configs > len(summary.get("sessions") or []):
+        # resumed from a run made before run_summary.json existed: earlier sessions unknown
+        row["time_source"] += f" ({len(summary.get('sessions') or [])} of {n_configs} sessions)"
+        row["sessions"] = n_configs
     row["status"] = _status(summary, row.get("epochs"), row.get("max_epochs"))
     row["problems"] = "; ".join(problems)
     return row

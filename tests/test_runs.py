@@ -166,6 +166,16 @@ def test_an_unfinished_session_adds_its_time_so_far(fits, tmp_path):
     assert row["status"] == "started, not finished"
 
 
+def test_a_summary_that_missed_earlier_sessions_says_so(fits, tmp_path):
+    run = tmp_path / "runs" / "default" / "version_0"
+    shutil.copytree(fits.held_out, run)
+    summary = read_run_summary(run)
+    del summary["sessions"][0]  # as if the first session ran before svhn.fit wrote these
+    (run / RUN_SUMMARY_FILE).write_text(json.dumps(summary))
+    row = collect_runs(tmp_path / "runs").iloc[0]
+    assert row["time_source"] == "recorded (1 of 2 sessions)" and row["sessions"] == 2
+
+
 def test_a_crashed_fit_is_recorded_as_crashed(synthetic_data_dir, image_cache_dir, tmp_path):
     class CrashAfterFirstEpoch(L.Callback):
         def on_train_epoch_end(self, trainer, pl_module):

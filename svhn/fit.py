@@ -17,9 +17,12 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 
+from svhn.callbacks import RunSummaryWriter
 from svhn.data import SVHNDataModule
 from svhn.module import DigitSequenceModel
+from svhn.run_summary import final_checkpoint, not_held_out_message, val_is_held_out
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
@@ -94,20 +97,49 @@ class SVHNCLI(LightningCLI):
                 logger.init_args["version"] = version
             print(f"Resuming {version} of {name} from {ckpt}", flush=True)
 
+    def instantiate_trainer(self, **kwargs):
+        """Every fit records its recipe, time and result in the run's ``run_summary.json``."""
+        trainer = super().instantiate_trainer(**kwargs)
+        configs = (self.config.get(self.subcommand) or {}).get("config") or []
+        trainer.callbacks.append(RunSummaryWriter([str(c) for c in configs]))
+        return trainer
+
+    def before_fit(self) -> None:
+        data = self.datamodule.hparams
+        if not val_is_held_out(data.train_on, data.val_on):
+            rank_zero_print("\n" + not_held_out_message(data.train_on, data.val_on) + "\n")
+
     def after_fit(self) -> None:
         trainer = self.trainer
-        callback = trainer.checkpoint_callback
-        if not trainer.is_global_zero or callback is None or trainer.fast_dev_run:
+        if not trainer.is_global_zero or trainer.checkpoint_callback is None \
+                or trainer.fast_dev_run:
             return
-        best = callback.best_model_path or callback.last_model_path
-        score = callback.best_model_score
-        score_text = f"{float(score):.4f}" if score is not None else "n/a"
-        data_dir = self.datamodule.data_dir
-        print(
-            f"\nBest val/seq_acc: {score_text}\nCheckpoint: {best}\n"
-            f"Predict: python -m svhn.predict {best} --data_dir {data_dir}",
-            flush=True,
-        )
+        print(final_summary(trainer, self.datamodule), flush=True)
+
+
+def final_summary(trainer, datamodule: SVHNDataModule) -> str:
+    """How a fit ends: its score, the checkpoint that is its result, the predict command."""
+    train_on, val_on = datamodule.hparams.train_on, datamodule.hparams.val_on
+    held_out = val_is_held_out(train_on, val_on)
+    checkpoint, why = final_checkpoint(trainer, held_out)
+    if held_out:
+        lines = [f"Best val/seq_acc: {_score(trainer.checkpoint_callback.best_model_score)}"]
+    else:
+        last = trainer.callback_metrics.get("val/seq_acc")
+        lines = [f"val/seq_acc at the last epoch: {_score(last)} (not held out)",
+                 not_held_out_message(train_on, val_on)]
+    return "\n".join(["", *lines, f"Checkpoint ({why}): {checkpoint}",
+                      f"Predict: python -m svhn.predict {checkpoint} "
+                      f"--data_dir {datamodule.data_dir}"])
+
+
+def _score(value) -> str:
+    return "n/a" if value is None else f"{float(value):.4f}"
+
+
+@rank_zero_only
+def rank_zero_print(message: str) -> None:
+    print(message, flush=True)
 
 
 def build_cli(args: list[str] | None = None) -> SVHNCLI:

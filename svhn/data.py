@@ -235,10 +235,10 @@ def fallback_notice(synthetic_size: int) -> str:
 
 
 def framed(lines: Sequence[str]) -> str:
-    """Lines in an ASCII frame, so a message stands out among the training logs."""
-    width = max(len(line) for line in lines)
-    rule = "+" + "-" * (width + 2) + "+"
-    return "\n".join([rule, *(f"| {line:<{width}} |" for line in lines), rule])
+    """Lines between two rules of ``=``, so a message stands out among the training logs
+    (no right border: a long command stays copyable)."""
+    rule = "=" * min(max(len(line) for line in lines) + 2, 88)
+    return "\n".join([rule, *(f" {line}" for line in lines), rule])
 
 
 class UnpaddedDistributedSampler(DistributedSampler):

@@ -118,7 +118,7 @@ def test_the_fallback_applies_only_when_data_mchar_holds_nothing(tmp_path, capsy
     fallback = SVHNDataModule(synthetic_fallback=True, synthetic_size=8, num_workers=0)
     assert fallback.uses_synthetic_fallback and fallback.data_dir == Path("data/synthetic")
     out = capsys.readouterr().out
-    assert "+---" in out and "SYNTHETIC" in out and str(Path("data/mchar").resolve()) in out
+    assert "=====" in out and "SYNTHETIC" in out and str(Path("data/mchar").resolve()) in out
     # Something of the competition is there (half unpacked): that is the user's data.
     (tmp_path / "data" / "mchar" / "mchar_train.json").write_text("{}")
     started = SVHNDataModule(synthetic_fallback=True, synthetic_size=8, num_workers=0)

@@ -81,16 +81,26 @@ def run_module(args: list[str], cwd: Path, env: dict | None = None,
 
 
 def test_cli_default_config_falls_back_to_synthetic_data(tmp_path):
-    result = run_module(["svhn.fit", "--config", str(REPO / "configs/default.yaml"),
-                         "--data.synthetic_size", "64", "--trainer.max_epochs", "1",
-                         "--data.num_workers", "0", "--trainer.enable_progress_bar", "false"],
+    # The quick start exactly (no flags), only smaller and shorter.
+    result = run_module(["svhn.fit", "--data.synthetic_size", "64", "--trainer.max_epochs", "1"],
                         cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "NO COMPETITION DATA" in result.stdout
-    assert "Best val/seq_acc" in result.stdout
+    out = result.stdout
+    start, summary = out.split("====")[1], out.rsplit("\n\n", 1)[-1].strip().splitlines()
+    assert "NO COMPETITION DATA" in start and str(tmp_path / "data" / "mchar") in start
+    # The last lines: what was trained on what, the score, the next commands, framed.
+    assert summary[0].startswith("====") and summary[-1].startswith("====")
+    text = "\n".join(summary)
+    assert "on 64 images of data/synthetic: SYNTHETIC" in text
+    assert "Best val/seq_acc" in text and "synthetic val set (16 val images)" in text
+    assert "python -m svhn.predict" in text and "--data_dir data/synthetic --split val" in text
+    assert "data/mchar/" in text and "--data.data_dir" in text
+    for noise in ("Tip:", "does not have many workers", "LeafSpec", "model summary"):
+        assert noise not in out + result.stderr, noise
     assert (tmp_path / "data/synthetic/mchar_train.json").is_file()
-    assert list((tmp_path / "runs/default").glob("version_0/checkpoints/last.ckpt"))
-    assert "backbone: simple_cnn" in (tmp_path / "runs/default/version_0/config.yaml").read_text()
+    config = tmp_path / "runs/default/version_0/config.yaml"
+    assert (config.parent / "checkpoints/last.ckpt").is_file()
+    assert "data_dir: null" in config.read_text()
 
 
 def test_print_config_shows_merged_settings(tmp_path):

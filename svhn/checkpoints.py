@@ -42,6 +42,8 @@ class CheckpointContents:
     epoch: int | None = None
     global_step: int | None = None
     precision: str = DEFAULT_PRECISION  # what validation ran in
+    training_state: bool = False  # optimiser and loop states: it can be resumed
+    lr_schedulers: list = field(default_factory=list, repr=False)  # their saved states
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -61,10 +63,13 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        raise CheckpointError(f"{path}: cannot read as a checkpoint ({err}).") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path}: not a checkpoint (torch.load: {reason}). Pass a .ckpt "
+                              "file that svhn.fit wrote, e.g. "
+                              "runs/<name>/version_N/checkpoints/last.ckpt.") from None
     if not isinstance(raw, dict) or "state_dict" not in raw:
-        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict); pass a "
-                              "file from runs/<name>/version_N/checkpoints/.")
+        raise CheckpointError(f"{path}: not a checkpoint of svhn.fit (no model weights in it). "
+                              "Pass a .ckpt file that svhn.fit wrote.")
     return CheckpointContents(
         path=path,
         model=upgrade_hyperparameters(dict(raw.get("hyper_parameters") or {})),
@@ -73,6 +78,8 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
         epoch=raw.get("epoch"),
         global_step=raw.get("global_step"),
         precision=raw.get("trainer_precision") or _precision_from_run_config(path),
+        training_state=all(key in raw for key in ("optimizer_states", "loops")),
+        lr_schedulers=list(raw.get("lr_schedulers") or []),
     )
 
 

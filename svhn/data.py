@@ -23,6 +23,7 @@ from svhn.images import DEFAULT_IMAGE_SIZE, ImageCache, default_cache_dir
 from svhn.labels import (
     DEFAULT_MAX_LEN,
     Sample,
+    clip_boxes_to_images,
     encode_label,
     load_labels,
     split_by_length,
@@ -34,6 +35,7 @@ SPLITS = {
     "val": ("mchar_val", "mchar_val.json"),
     "test_a": ("mchar_test_a", None),
 }
+DEFAULT_DATA_DIR = Path("data/mchar")  # where an unset data_dir looks (the README's place)
 SYNTHETIC_DIR = Path("data/synthetic")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DATA_HELP = (
@@ -58,6 +60,44 @@ class SplitFiles:
 def has_competition_data(data_dir: str | Path) -> bool:
     data_dir = Path(data_dir)
     return (data_dir / "mchar_train").is_dir() and (data_dir / "mchar_train.json").is_file()
+
+
+def holds_nothing_of_the_competition(data_dir: str | Path) -> bool:
+    """No folder, or a folder without any ``mchar_*`` entry (folder, JSON or archive)."""
+    data_dir = Path(data_dir)
+    return not data_dir.exists() or (data_dir.is_dir()
+                                     and not any(data_dir.glob("mchar_*")))
+
+
+def check_layout(data_dir: str | Path, splits: Sequence[str], labelled: bool = True) -> None:
+    """Raise one DataError naming the folder and everything these splits need that is not
+    there (image folders and, when ``labelled``, label files), with a hint when the cause is
+    plain to see."""
+    data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise DataError(f"{data_dir}: is a file, not a folder. data_dir names the folder that "
+                        f"holds mchar_train/, mchar_train.json, mchar_val/, ... {DATA_HELP}")
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder not found (is the path right?). {DATA_HELP}")
+    missing, hints = [], []
+    for split in dict.fromkeys(splits):
+        image_dir, label_file = _split_paths(data_dir, split)
+        if not image_dir.is_dir():
+            missing.append(f"{image_dir.name}/")
+            if image_dir.with_suffix(".zip").is_file():
+                hints.append(f"{image_dir.name}.zip is there: unpack it.")
+        if labelled and label_file is not None and not label_file.is_file():
+            missing.append(label_file.name)
+    if not missing:
+        return
+    nested = sorted(p for p in data_dir.iterdir() if p.is_dir() and has_competition_data(p))
+    if nested:
+        hints.append(f"{nested[0]} holds the competition files: did you mean "
+                     f"--data.data_dir {nested[0]}?")
+    raise DataError(
+        f"{data_dir}: not the competition layout; missing {', '.join(missing)}. "
+        + " ".join(hints + [DATA_HELP])
+    )
 
 
 def _split_paths(data_dir: Path, split: str) -> tuple[Path, Path | None]:
@@ -104,7 +144,16 @@ def list_split(data_dir: str | Path, split: str, max_len: int | None = None) -> 
             stacklevel=2,
         )
     if max_len is not None:
-        samples, _ = split_by_length(samples, max_len, source=str(label_file))
+        kept, too_long = split_by_length(samples, max_len, source=str(label_file))
+        if not kept:
+            longest = max(too_long, key=lambda s: len(s.digits))
+            raise DataError(
+                f"{label_file}: every one of its {len(too_long)} labels is longer than "
+                f"max_len={max_len} (e.g. entry {longest.file_name!r} has "
+                f"{len(longest.digits)} digits), so split {split!r} would be empty. Set "
+                f"--data.max_len {len(longest.digits)}, or check that this is the right file."
+            )
+        samples = kept
     return SplitFiles(split, [on_disk[s.file_name] for s in samples], samples)
 
 
@@ -173,6 +222,26 @@ def _normalised_union_boxes(samples: Sequence[Sample], original_sizes: np.ndarra
     return np.clip(boxes, 0.0, 1.0).astype(np.float32)
 
 
+def fallback_notice(synthetic_size: int) -> str:
+    """The framed notice that training uses the synthetic quick-start set."""
+    return framed([
+        "NO COMPETITION DATA: training on SYNTHETIC house numbers (the quick start).",
+        f"Looked in {DEFAULT_DATA_DIR.resolve()}: nothing there.",
+        f"Training on {SYNTHETIC_DIR}/ ({synthetic_size:,} generated training images, made "
+        "once).",
+        f"Real data: unpack the competition files into {DEFAULT_DATA_DIR}/ (see "
+        "data/README.md)",
+        "or name their folder with --data.data_dir PATH.",
+    ])
+
+
+def framed(lines: Sequence[str]) -> str:
+    """Lines between two rules of ``=``, so a message stands out among the training logs
+    (no right border: a long command stays copyable)."""
+    rule = "=" * min(max(len(line) for line in lines) + 2, 88)
+    return "\n".join([rule, *(f" {line}" for line in lines), rule])
+
+
 def _seed_worker_augmentations(worker_id: int) -> None:
     """Give each worker its own augmentation stream (forked workers share the parent's)."""
     info = torch.utils.data.get_worker_info()
@@ -193,7 +262,10 @@ class SVHNDataModule(L.LightningDataModule):
     """Train / val / test / predict dataloaders over the competition layout.
 
     Args:
-        data_dir: root of the competition layout.
+        data_dir: root of the competition layout; a folder named here must hold it. Unset
+            (None, the embedded default): ``data/mchar``; only when that holds nothing of
+            the competition (no folder, or no ``mchar_*`` entry in it) and
+            ``synthetic_fallback`` is on does training use the synthetic set instead.
         image_size: (height, width) the model sees.
         batch_size: images per batch (per device).
         num_workers: dataloader workers; None picks 0 on <= 2 cpus, else min(8, cpus - 1).
@@ -211,8 +283,9 @@ class SVHNDataModule(L.LightningDataModule):
             sharper copy (keep cache_scale >= eval_scale).
         box_targets: keep the digits' box right through every augmentation (for a model
             with a box head; ``svhn.fit`` links it to ``model.box_head``).
-        synthetic_fallback: when data_dir has no competition data, generate a synthetic
-            set under data/synthetic and use it (the embedded default of svhn.fit).
+        synthetic_fallback: when data_dir is unset and data/mchar holds nothing of the
+            competition, generate a synthetic set under data/synthetic and train on it (the
+            quick start of svhn.fit). Never applies to a data_dir that was named.
         synthetic_size: number of synthetic training images for that fallback.
         extra_train: more folders in the competition layout whose train split joins
             training (e.g. a set made with ``python -m svhn.synthetic``).
@@ -222,7 +295,7 @@ class SVHNDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str = "data/mchar",
+        data_dir: str | None = None,
         image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
         batch_size: int = 64,
         num_workers: int | None = None,
@@ -243,13 +316,21 @@ class SVHNDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.data_dir = self._resolve_data_dir(data_dir, synthetic_fallback, synthetic_size)
+        self.uses_synthetic_fallback = (data_dir is None and synthetic_fallback
+                                        and holds_nothing_of_the_competition(DEFAULT_DATA_DIR))
+        if self.uses_synthetic_fallback:
+            self.data_dir = SYNTHETIC_DIR
+            print(fallback_notice(synthetic_size), flush=True)  # stdout: read first
+        else:
+            self.data_dir = Path(DEFAULT_DATA_DIR if data_dir is None else data_dir)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.cache_size = self._scaled(cache_scale)
         self.eval_size = self._scaled(eval_scale)
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(self.data_dir)
         self.datasets: dict[str, DigitImageDataset] = {}
+        self._listed_files: dict[str, SplitFiles] = {}  # labels read and checked
+        self._checked_files: dict[str, SplitFiles] = {}  # ... and boxes against images
         self.extra_train_dirs = [Path(d) for d in extra_train]
         if synthetic_extra > 0:
             self.extra_train_dirs.append(Path(f"data/synthetic_extra_{synthetic_extra}"))
@@ -264,24 +345,10 @@ class SVHNDataModule(L.LightningDataModule):
         keys = ("image_size", "cache_scale", "eval_scale", "max_len")
         return {k: hparams[k] for k in keys if k in hparams}
 
-    @staticmethod
-    def _resolve_data_dir(data_dir: str, fallback: bool, size: int) -> Path:
-        path = Path(data_dir)
-        if has_competition_data(path) or not fallback:
-            return path
-        synthetic = SYNTHETIC_DIR
-        message = (
-            f"No competition data under {path.resolve()} (looked for mchar_train/ and "
-            f"mchar_train.json). Training on a synthetic set in {synthetic} instead. To use "
-            f"the real data: {DATA_HELP}"
-        )
-        print(message, flush=True)  # stdout: the first thing a new user reads
-        return synthetic
-
     # -- data on disk -------------------------------------------------------------------
     def _synthetic_needed(self) -> bool:
         """The fallback set is generated once and reused while its size matches."""
-        if not self.hparams.synthetic_fallback or self.data_dir != SYNTHETIC_DIR:
+        if not self.uses_synthetic_fallback:
             return False
         if not has_competition_data(self.data_dir):
             return True
@@ -289,7 +356,8 @@ class SVHNDataModule(L.LightningDataModule):
             self.hparams.synthetic_size
 
     def prepare_data(self) -> None:
-        """Runs once per machine: generate synthetic sets, decode images into the caches."""
+        """Runs once per machine, before anything is trained or written: generate synthetic
+        sets, check the layout, labels and boxes, decode images into the caches."""
         from svhn.synthetic import generate_dataset
 
         if self._synthetic_needed():
@@ -299,24 +367,59 @@ class SVHNDataModule(L.LightningDataModule):
             # Seed 1: never the same images as the seed-0 fallback set.
             generate_dataset(self.extra_train_dirs[-1], n_train=extra, n_val=1, n_test=1,
                              seed=1, progress=True)
-        for split in self._splits_in_use():
-            self._cache_for(split).build(self.num_workers, desc=f"caching {split}")
-        if self.trainer is None or self.trainer.state.fn == "fit":
-            for root in self.extra_train_dirs:
-                self._cache_for("train", root).build(self.num_workers, desc=f"caching {root}")
+        stage = self.trainer.state.fn if self.trainer is not None else None
+        labelled, unlabelled = self._splits_in_use(stage)
+        check_layout(self.data_dir, labelled)
+        check_layout(self.data_dir, unlabelled, labelled=False)
+        extra = self.extra_train_dirs if stage in (None, "fit") else []
+        for root in extra:
+            check_layout(root, ["train"])
+        sources = [(self.data_dir, split) for split in labelled] + [(root, "train")
+                                                                   for root in extra]
+        for root, split in sources:  # every label file read and checked before any decoding
+            self._listed(split, root)
+        for root, split in sources:
+            self._labelled_files(split, root)
+        for split in unlabelled:
+            self._built_cache(split, self.data_dir)
 
-    def _splits_in_use(self) -> list[str]:
-        """Training and validation splits must exist; the predict split is cached if present."""
-        if self.trainer is not None and self.trainer.state.fn == "predict":
-            return [self.hparams.predict_on]
-        splits = [*self.hparams.train_on, self.hparams.val_on]
-        if _split_paths(self.data_dir, self.hparams.predict_on)[0].is_dir():
-            splits.append(self.hparams.predict_on)
-        return list(dict.fromkeys(splits))
+    def _splits_in_use(self, stage: str | None) -> tuple[list[str], list[str]]:
+        """(labelled, unlabelled) splits a stage reads: training and validation splits must
+        exist with their labels; outside prediction the predict split is cached if present."""
+        predict_on = self.hparams.predict_on
+        if stage == "predict":
+            return [], [predict_on]
+        labelled = list(dict.fromkeys([*self.hparams.train_on, self.hparams.val_on]))
+        present = _split_paths(self.data_dir, predict_on)[0].is_dir()
+        return labelled, [predict_on] if present and predict_on not in labelled else []
 
-    def _files(self, split: str, root: Path) -> SplitFiles:
-        max_len = self.hparams.max_len if SPLITS[split][1] else None
-        return list_split(root, split, max_len)
+    def _labelled_files(self, split: str, root: Path) -> SplitFiles:
+        """A labelled split's files with labels checked against max_len and boxes checked
+        against their images (partly outside: clipped; wholly outside: refused), once per
+        split and process."""
+        key = f"{root}:{split}"
+        if key not in self._checked_files:
+            files = self._listed(split, root)
+            cache = self._built_cache(split, root)
+            sizes = dict(zip((p.name for p in cache.paths),
+                             map(tuple, cache.original_sizes.tolist())))
+            label_file = _split_paths(root, split)[1]
+            samples = clip_boxes_to_images(files.samples, sizes, str(label_file))
+            self._checked_files[key] = SplitFiles(split, files.image_paths, samples)
+        return self._checked_files[key]
+
+    def _listed(self, split: str, root: Path) -> SplitFiles:
+        """``list_split`` once per split and process (its warnings are given once)."""
+        key = f"{root}:{split}"
+        if key not in self._listed_files:
+            self._listed_files[key] = list_split(root, split, self.hparams.max_len)
+        return self._listed_files[key]
+
+    def _built_cache(self, split: str, root: Path) -> ImageCache:
+        cache = self._cache_for(split, root)
+        if not cache.is_fresh():  # outside a Trainer nobody called prepare_data
+            cache.build(self.num_workers, desc=f"caching {split}")
+        return cache
 
     def _cache_for(self, split: str, root: Path | None = None) -> ImageCache:
         """One cache per split holds every image of its folder, whatever the labels say."""
@@ -338,13 +441,11 @@ class SVHNDataModule(L.LightningDataModule):
         root = root or self.data_dir
         key = f"{root}:{split}:{preset}:{labelled}"
         if key not in self.datasets:
-            if labelled:
-                files = self._files(split, root)
+            if labelled and SPLITS[split][1] is not None:
+                files = self._labelled_files(split, root)
             else:
                 files = SplitFiles(split, split_images(root, split), None)
-            cache = self._cache_for(split, root)
-            if not cache.is_fresh():  # outside a Trainer nobody called prepare_data
-                cache.build(self.num_workers, desc=f"caching {split}")
+            cache = self._built_cache(split, root)
             size = self.image_size if preset != "none" else self.eval_size
             self.datasets[key] = DigitImageDataset(files, cache, preset, size,
                                                    self.hparams.max_len,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 CACHE_VERSION = 1
 DEFAULT_IMAGE_SIZE = (64, 128)  # (height, width) a model reads unless a config says otherwise
+TMP_MARK = ".tmp"  # <stem>.tmp<pid>.npy: a cache being built by process <pid>
 
 
 class ImageReadError(ValueError):
@@ -59,6 +61,20 @@ def _fingerprint(paths: Sequence[Path]) -> list[list]:
     return [[p.name, s.st_size, s.st_mtime_ns] for p, s in zip(paths, stats)]
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (a reused id counts as alive,
+    which only delays a sweep). Without POSIX signals nothing is taken as stale."""
+    if pid == os.getpid() or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _read_for_cache(args: tuple[Path, tuple[int, int]]) -> tuple[np.ndarray, tuple[int, int]]:
     return read_resized(*args)
 
@@ -85,42 +101,75 @@ class ImageCache:
         )
 
     def build(self, num_workers: int = 0, desc: str = "caching images") -> None:
-        """Decode every image once into the cache (skipped when the cache is fresh)."""
+        """Decode every image once into the cache (skipped when the cache is fresh).
+
+        The array is written to a temporary file named after this process and renamed into
+        place when complete; a failed build removes it, and a build killed outright leaves
+        it for the next build of the same cache to sweep (its process no longer runs).
+        """
         if self.is_fresh():
             return
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        self.sweep_stale_temporaries()
+        tmp_file = self._temporary(self.cache_file, ".npy")
+        tmp_manifest = self._temporary(self.manifest_file, ".json")
+        try:
+            originals = self._decode_into(tmp_file, num_workers, desc)
+            manifest = {
+                "version": CACHE_VERSION,
+                "size": list(self.size),
+                "files": _fingerprint(self.paths),
+                "original_sizes": originals.tolist(),
+            }
+            # Array first, manifest last: a cache without a matching manifest is never
+            # trusted.
+            os.replace(tmp_file, self.cache_file)
+            tmp_manifest.write_text(json.dumps(manifest))
+            os.replace(tmp_manifest, self.manifest_file)
+        finally:  # on success both were renamed away; on any failure nothing stays behind
+            for leftover in (tmp_file, tmp_manifest):
+                leftover.unlink(missing_ok=True)
+
+    def _decode_into(self, tmp_file: Path, num_workers: int, desc: str) -> np.ndarray:
         height, width = self.size
-        tmp_file = self.cache_file.with_suffix(f".tmp{os.getpid()}.npy")
         array = np.lib.format.open_memmap(
             tmp_file, mode="w+", dtype=np.uint8, shape=(len(self.paths), height, width, 3)
         )
         originals = np.zeros((len(self.paths), 2), dtype=np.int64)
         jobs = [(p, self.size) for p in self.paths]
-        progress = tqdm(total=len(jobs), desc=desc, unit="img", leave=False)
-        if num_workers > 0 and len(jobs) > 64:
-            with ProcessPoolExecutor(num_workers) as pool:
-                results = pool.map(_read_for_cache, jobs, chunksize=32)
-                for i, (img, original) in enumerate(results):
-                    array[i], originals[i] = img, original
+        with tqdm(total=len(jobs), desc=desc, unit="img", leave=False) as progress:
+            if num_workers > 0 and len(jobs) > 64:
+                with ProcessPoolExecutor(num_workers) as pool:
+                    results = pool.map(_read_for_cache, jobs, chunksize=32)
+                    for i, (img, original) in enumerate(results):
+                        array[i], originals[i] = img, original
+                        progress.update()
+            else:
+                for i, job in enumerate(jobs):
+                    array[i], originals[i] = _read_for_cache(job)
                     progress.update()
-        else:
-            for i, job in enumerate(jobs):
-                array[i], originals[i] = _read_for_cache(job)
-                progress.update()
-        progress.close()
         array.flush()
         del array
-        manifest = {
-            "version": CACHE_VERSION,
-            "size": list(self.size),
-            "files": _fingerprint(self.paths),
-            "original_sizes": originals.tolist(),
-        }
-        # Array first, manifest last: a cache without a matching manifest is never trusted.
-        os.replace(tmp_file, self.cache_file)
-        tmp_manifest = self.manifest_file.with_suffix(f".tmp{os.getpid()}")
-        tmp_manifest.write_text(json.dumps(manifest))
-        os.replace(tmp_manifest, self.manifest_file)
+        return originals
+
+    @staticmethod
+    def _temporary(final: Path, suffix: str) -> Path:
+        """``<stem>.tmp<pid><suffix>`` beside ``final``: the pid says whose build it is."""
+        return final.with_name(f"{final.stem}{TMP_MARK}{os.getpid()}{suffix}")
+
+    def sweep_stale_temporaries(self) -> list[Path]:
+        """Remove temporaries of this cache left by builds whose process is gone (killed
+        before they could clean up); a temporary of a build still running is kept."""
+        removed = []
+        for final in (self.cache_file, self.manifest_file):
+            pattern = re.compile(re.escape(final.stem + TMP_MARK) + r"(\d+)"
+                                 + re.escape(final.suffix) + "$")
+            for path in final.parent.glob(f"{final.stem}{TMP_MARK}*{final.suffix}"):
+                match = pattern.match(path.name)
+                if match and not _process_alive(int(match.group(1))):
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+        return removed
 
     @property
     def array(self) -> np.ndarray:

@@ -8,6 +8,7 @@ prediction ``[1, 10, 2, 10, 10]`` reads ``"12"``: the competition scores strings
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ def load_labels(path: str | Path) -> list[Sample]:
     if not path.is_file():
         raise LabelFileError(f"{path}: label file not found. Put the competition's JSON there.")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: tolerate a BOM
     except json.JSONDecodeError as err:
         raise LabelFileError(
             f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg}). "
@@ -63,6 +64,12 @@ def load_labels(path: str | Path) -> list[Sample]:
         ) from None
     if not isinstance(raw, dict):
         raise LabelFileError(f"{path}: expected an object mapping file name -> label entry.")
+    if not raw:
+        raise LabelFileError(
+            f"{path}: no entries (the file holds an empty object); expected one entry per "
+            'image, e.g. {"000000.png": {"label": [1, 9], "left": [...], ...}}. Re-download '
+            "the label file."
+        )
     return [_parse_entry(path, name, raw[name]) for name in sorted(raw)]
 
 
@@ -84,10 +91,56 @@ def _parse_entry(path: Path, name: str, entry: object) -> Sample:
                 f"{where}: '{key}' has {got} values for {len(digits)} digits; "
                 "each digit needs one box."
             )
+        for i, value in enumerate(values):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise LabelFileError(
+                    f"{where}: '{key}' of digit {i + 1} is {value!r}, not a number of "
+                    "pixels. Fix the entry (or remove it)."
+                )
     boxes = tuple(
         tuple(float(lists[k][i]) for k in BOX_KEYS) for i in range(len(digits))
     )
+    for i, (_, _, width, height) in enumerate(boxes):
+        if width <= 0 or height <= 0:
+            raise LabelFileError(
+                f"{where}: the box of digit {i + 1} has width {width:g} and height "
+                f"{height:g}: not a box (both must be > 0). Fix the entry (or remove it)."
+            )
     return Sample(name, tuple(digits), boxes)  # type: ignore[arg-type]
+
+
+def clip_boxes_to_images(
+    samples: Sequence[Sample], image_sizes: dict[str, tuple[int, int]], source: str
+) -> list[Sample]:
+    """Boxes partly outside their image are clipped to it (one warning for them all);
+    a box wholly outside its image is refused. ``image_sizes``: file name -> (width, height).
+    """
+    out, clipped = [], []
+    for sample in samples:
+        width, height = image_sizes[sample.file_name]
+        boxes = []
+        for i, (left, top, w, h) in enumerate(sample.boxes):
+            x0, y0 = max(left, 0.0), max(top, 0.0)
+            x1, y1 = min(left + w, float(width)), min(top + h, float(height))
+            if x1 <= x0 or y1 <= y0:
+                raise LabelFileError(
+                    f"{source}: entry {sample.file_name!r}: the box of digit {i + 1} (left "
+                    f"{left:g}, top {top:g}, width {w:g}, height {h:g}) lies wholly outside "
+                    f"its {width}x{height} image. Fix the entry (or remove it)."
+                )
+            boxes.append((x0, y0, x1 - x0, y1 - y0))
+        if tuple(boxes) != sample.boxes:
+            clipped.append(sample.file_name)
+            sample = Sample(sample.file_name, sample.digits, tuple(boxes))
+        out.append(sample)
+    if clipped:
+        warnings.warn(
+            f"{source}: {len(clipped)} image(s) have digit boxes partly outside the image "
+            f"(first: {', '.join(clipped[:5])}); they are clipped to the image.",
+            stacklevel=2,
+        )
+    return out
 
 
 def encode_label(digits: Sequence[int], max_len: int = DEFAULT_MAX_LEN) -> list[int]:

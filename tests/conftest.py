@@ -2,12 +2,16 @@
 
 Both are built once per test session and must stay small: the test machine has two CPU
 cores shared with other work. Tests must treat them as read-only.
+
+Tests write only under temporary folders: each runs in its own ``tmp_path`` (the session
+itself in a temporary folder), and the suite fails if the repository changed under it.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +20,44 @@ import pytest
 from svhn.synthetic import generate_dataset
 
 SYNTHETIC_COUNTS = {"n_train": 160, "n_val": 48, "n_test": 40}
+REPO = Path(__file__).resolve().parents[1]
+NOT_WATCHED = {".git", ".venv", "venv", ".pytest_cache", ".ruff_cache", "__pycache__",
+               ".ipynb_checkpoints"}
+
+
+def repository_state(root: Path = REPO) -> dict[str, int]:
+    """Every file and folder under the repository (tool caches aside) -> modification time."""
+    state = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in NOT_WATCHED and not d.endswith(".egg-info")]
+        here = Path(folder).relative_to(root)
+        state.update({f"{here / d}/": 0 for d in dirs})
+        state.update({str(here / f): Path(folder, f).stat().st_mtime_ns for f in files})
+    return state
+
+
+def changes(before: dict[str, int], after: dict[str, int]) -> list[str]:
+    return sorted([f"+ {p}" for p in after.keys() - before.keys()]
+                  + [f"- {p}" for p in before.keys() - after.keys()]
+                  + [f"~ {p}" for p in before.keys() & after.keys() if before[p] != after[p]])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_stays_unchanged(tmp_path_factory: pytest.TempPathFactory):
+    """The session runs in a temporary folder; afterwards the repository must be as before
+    (a test that writes checkpoints/, runs/ or data/ into it fails the suite here)."""
+    before = repository_state()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("session_cwd"))
+        yield
+    changed = changes(before, repository_state())
+    assert not changed, f"the tests changed the repository {REPO}: {changed[:20]}"
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative paths a test writes (runs/, data/cache, checkpoints/) land in its tmp_path."""
+    monkeypatch.chdir(tmp_path)
 
 
 @dataclass(frozen=True)

@@ -152,17 +152,25 @@ def test_eval_sampler_sees_each_item_exactly_once_across_ranks(small_layout, tmp
     assert sorted(seen) == data  # no repeats: each validation image counted once
 
 
-def test_synthetic_fallback_says_where_it_looked(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    dm = SVHNDataModule("no_such_dir", synthetic_fallback=True, synthetic_size=8,
-                        num_workers=0)
-    assert "No competition data under" in capsys.readouterr().out
+def test_synthetic_fallback_says_where_it_looked(tmp_path, capsys):
+    # The autouse fixture runs each test in its tmp_path: data/mchar is absent here.
+    dm = SVHNDataModule(synthetic_fallback=True, synthetic_size=8, num_workers=0)
+    out = capsys.readouterr().out
+    assert "NO COMPETITION DATA" in out and str(tmp_path / "data" / "mchar") in out
     dm.prepare_data()
     assert len(list(Path("data/synthetic/mchar_train").glob("*.png"))) == 8
     stamp = Path("data/synthetic/mchar_train.json").stat().st_mtime_ns
-    SVHNDataModule("no_such_dir", synthetic_fallback=True, synthetic_size=8,
-                   num_workers=0).prepare_data()
+    SVHNDataModule(synthetic_fallback=True, synthetic_size=8, num_workers=0).prepare_data()
     assert Path("data/synthetic/mchar_train.json").stat().st_mtime_ns == stamp  # made once
+
+
+def test_a_named_data_dir_never_falls_back(tmp_path):
+    dm = SVHNDataModule("no_such_dir", synthetic_fallback=True, synthetic_size=8,
+                        num_workers=0)
+    assert not dm.uses_synthetic_fallback
+    with pytest.raises(DataError, match="no_such_dir: data folder not found"):
+        dm.prepare_data()
+    assert not (tmp_path / "data").exists()
 
 
 def test_missing_data_without_fallback_is_an_error(tmp_path):

@@ -62,11 +62,11 @@ def test_a_format_1_checkpoint_takes_its_precision_from_its_run_config(tmp_path)
 def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
     junk = tmp_path / "junk.ckpt"
     junk.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match=f"{junk}: cannot read as a checkpoint"):
+    with pytest.raises(CheckpointError, match=f"{junk}: not a checkpoint"):
         read_checkpoint(junk)
     weights_only = tmp_path / "weights.pt"
     torch.save({"conv.weight": torch.zeros(1)}, weights_only)
-    with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint of svhn.fit"):
         read_checkpoint(weights_only)
 
 

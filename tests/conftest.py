@@ -193,6 +193,12 @@ def fit_easy(data_dir: Path, cache_dir: Path, runs: Path, *extra: str) -> EasyRu
 
 
 @pytest.fixture(scope="session")
+def easy_fit():
+    """``fit_easy``, for tests that train their own short runs on the easy set."""
+    return fit_easy
+
+
+@pytest.fixture(scope="session")
 def easy_run(easy_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> EasyRun:
     """simple_cnn read at 32x64, 8 epochs: has learned something, far from everything."""
     root = tmp_path_factory.mktemp("easy_run")

@@ -1,5 +1,6 @@
 """The submission file (svhn.submission): the README's atomic-write promise, and the
-format rules a submission is built and read by.
+format rules a submission is built, written and read by (the format tests were written
+against the survivors of a mutation-testing run, see README, Tests).
 
 "Written atomically" means: the new CSV is written completely to a temporary file in the
 target's own folder (so the final rename is atomic on every file system), renamed over the
@@ -15,7 +16,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from svhn.submission import build_submission, write_submission
+from svhn.submission import (
+    SubmissionError,
+    build_submission,
+    compare_with_sample,
+    read_submission,
+    write_submission,
+)
 
 OLD = "file_name,file_code\nold.png,1\n"
 NEW_CSV = "file_name,file_code\na.png,12\nb.png,007\n"
@@ -92,3 +99,79 @@ def test_a_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_submission(new_frame(), folder / "sub.csv")
     assert list(folder.iterdir()) == []
+
+
+# ------------------------------------------------------------------- building and writing
+
+
+def test_a_built_submission_has_exactly_the_two_columns_in_file_name_order():
+    frame = build_submission(["c.png", "a.png", "b.png"], ["3", "01", "2"])
+    assert list(frame.columns) == ["file_name", "file_code"]
+    assert frame.index.tolist() == [0, 1, 2]
+    assert frame.values.tolist() == [["a.png", "01"], ["b.png", "2"], ["c.png", "3"]]
+    with pytest.raises(ValueError, match=r"^3 file names but 2 codes\.$"):
+        build_submission(["a.png", "b.png", "c.png"], ["1", "2"])
+
+
+def test_only_the_two_columns_are_written_even_from_a_wider_frame(tmp_path):
+    frame = new_frame().assign(probability=[0.9, 0.8])
+    path = write_submission(frame, tmp_path / "sub.csv")
+    assert path.read_text() == NEW_CSV
+
+
+def test_missing_folders_on_the_way_are_created(tmp_path):
+    path = write_submission(new_frame(), tmp_path / "a" / "b" / "sub.csv")
+    assert path.read_text() == NEW_CSV
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_error(tmp_path, text: str) -> str:
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(SubmissionError) as err:
+        read_submission(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ")
+    return message[len(f"{path}: "):]
+
+
+@pytest.mark.parametrize("first_row", ["a.png,1", "b.JPG,1", "c.jpeg,2", "d.jpg,3"])
+def test_a_missing_header_is_named_with_the_line_to_add(tmp_path, first_row):
+    assert read_error(tmp_path, f"{first_row}\n") == (
+        f"first line is '{first_row}'; the header line is missing: add "
+        "'file_name,file_code' as the first line.")
+
+
+def test_a_wrong_header_shows_what_was_found_and_what_is_needed(tmp_path):
+    assert read_error(tmp_path, "name,code\na.png,1\n") == (
+        "first line is 'name,code'; the header must be exactly 'file_name,file_code' "
+        "(those two columns, in order).")
+
+
+def test_an_empty_file_and_a_ragged_row_say_how_to_fix_them(tmp_path):
+    assert read_error(tmp_path, "") == (
+        "the file is empty; write the header file_name,file_code and one row per image.")
+    ragged = read_error(tmp_path, "file_name,file_code\na.png,1,2\n")
+    assert ragged.startswith("not a two-column CSV (")
+    assert "Expected 2 fields in line 2, saw 3" in ragged  # the parser's own detail
+    assert ragged.endswith("); write exactly file_name,file_code per row.")
+
+
+def test_duplicates_list_the_first_five_names(tmp_path):
+    names = [f"{c}.png" for c in "abcdef"]
+    rows = "".join(f"{n},1\n{n},2\n" for n in names)
+    assert read_error(tmp_path, "file_name,file_code\n" + rows) == (
+        "6 file name(s) appear more than once (first: a.png, b.png, c.png, d.png, e.png); "
+        "keep one row per image.")
+
+
+def test_sample_differences_list_the_first_five_names():
+    sample = pd.DataFrame({"file_name": [f"{i}.png" for i in range(8)], "file_code": "0"})
+    ours = pd.DataFrame({"file_name": ["0.png", "1.png"] + [f"x{i}.png" for i in range(6)],
+                         "file_code": "1"})
+    assert compare_with_sample(ours, sample) == [
+        "6 file name(s) of the sample are missing (first: 2.png, 3.png, 4.png, 5.png, 6.png)",
+        "6 file name(s) are not in the sample (first: x0.png, x1.png, x2.png, x3.png, x4.png)",
+    ]

@@ -1,0 +1,345 @@
+"""The augmentation presets applied to whole batches on the model's device.
+
+With ``augment_on: device`` (``SVHNDataModule``) the dataloader only gathers cached uint8
+images at cache size and the digits' boxes; :class:`BatchAugment` then augments the batch
+where the model runs, after the host-to-device copy. It draws the same parameter ranges as
+the albumentations presets in ``svhn.transforms`` (which stay the reference), per sample:
+
+- geometry: every step of a preset (the zoom preset's crop, the resize to ``image_size``,
+  the random affine) is composed into one 3x3 matrix per sample, and the whole batch is
+  resampled once (``F.affine_grid`` + ``F.grid_sample``, bilinear, border replicated as
+  ``cv2.BORDER_REPLICATE``). Boxes move with the same matrices: the four corners are
+  mapped, their bounding box taken and clipped to the image (albumentations' "largest box").
+- photometric: the colour jitter (brightness, contrast, saturation, hue, in a random order
+  per sample) is one 3x3 colour matrix plus an offset per sample, applied in one batched
+  product; blur (Gaussian or motion, per-sample kernels in one grouped convolution), noise,
+  grey and inversion run on the random subset of samples each one picks.
+
+Output: uint8 (B, 3, H, W) images, as the CPU path sends them, so the model's
+``normalize_images`` and everything reading ``batch["image"]`` see one contract; and float
+(B, 4) boxes, normalised (x0, y0, x1, y1).
+
+Where it differs from albumentations (same ranges and probabilities, not the same pixels):
+the jitter is clipped to [0, 255] once at its end rather than after each of its four steps;
+hue turns the colour around the grey axis (a YIQ rotation) rather than shifting an HSV hue;
+motion blur is a centred line kernel (no random shift or direction bias); crop edges and
+shifts are continuous rather than whole pixels. ``tests/test_batch_augment.py`` compares
+the two on the statistics that matter (crop sizes, box positions, brightness spread).
+
+Plain torch, not kornia: kornia's augmentation containers resample once per geometric
+step (a crop, then an affine) and add a dependency; here one matrix product per sample and
+one ``grid_sample`` per batch is all the geometry costs, on any device torch supports.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from svhn.transforms import (
+    AFFINE,
+    PRESETS,
+    ZOOM_CROP_JITTER,
+    ZOOM_CROP_MARGIN,
+    ZOOM_CROP_P,
+    ZOOM_NEAR_P,
+    AffineRange,
+    ColourRange,
+    colour_range,
+)
+
+GREY_WEIGHTS = (0.299, 0.587, 0.114)  # cv2's RGB -> grey, as albumentations uses
+# albumentations' RandomCropNearBBox turns a single max_part_shift m into the range (0, m),
+# read as (height, width): tight zoom crops are jittered in x only. Kept as the reference is.
+ZOOM_JITTER_X, ZOOM_JITTER_Y = ZOOM_CROP_JITTER, 0.0
+BLUR_SIZE = 5  # kernels are 3 or 5 pixels wide (blur_limit (3, 5)), held in 5x5
+GAUSSIAN_SIGMA = (0.5, 3.0)  # albumentations' GaussianBlur default sigma_limit
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114],
+                            [0.596, -0.274, -0.322],
+                            [0.211, -0.523, 0.312]], dtype=torch.float64)
+
+
+def derive_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (global seed, rank, epoch): neighbours differ."""
+    state = np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint64)
+    return int(state[0]) % 2**63
+
+
+def affine_grid(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.affine_grid(theta, (B, C, *size), align_corners=False)`` built as one broadcast
+    sum of a per-column and a per-row term (3x faster on CPU than its batched product)."""
+    height, width = size
+    device = theta.device
+    u = (torch.arange(width, device=device, dtype=theta.dtype) * 2 + 1) / width - 1
+    v = (torch.arange(height, device=device, dtype=theta.dtype) * 2 + 1) / height - 1
+    columns = u[None, :, None] * theta[:, None, :, 0]  # (B, W, 2)
+    rows = v[None, :, None] * theta[:, None, :, 1] + theta[:, None, :, 2]  # (B, H, 2)
+    return rows[:, :, None, :] + columns[:, None, :, :]
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in the layout the batch has: a channels-last batch (how gathered
+    HWC images arrive) converts as contiguous HWC, many times faster than strided on CPU."""
+    if not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
+        return images.permute(0, 2, 3, 1).float().permute(0, 3, 1, 2)
+    return images.float()
+
+
+class BatchAugment:
+    """A preset of ``svhn.transforms`` for whole batches on their device.
+
+    ``augment(images, boxes)``: ``images`` uint8 (B, 3, Hc, Wc) at cache size on any device,
+    ``boxes`` (B, 4) normalised union boxes of the digits; returns uint8 (B, 3, H, W) at
+    ``image_size`` and the boxes moved with the images. Random parameters come from one
+    ``torch.Generator`` per device, seeded by ``seed`` (``reseed`` starts it again), so a
+    seed gives the same batches on the same device.
+    """
+
+    def __init__(self, preset: str, image_size: tuple[int, int], seed: int = 0):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {PRESETS}.")
+        self.preset = preset
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.affine: AffineRange | None = AFFINE.get(preset)
+        self.colour: ColourRange | None = colour_range(preset)
+        self.seed = int(seed)
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def reseed(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._generators.clear()
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        device = torch.device(device)
+        if device not in self._generators:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            self._generators[device] = generator
+        return self._generators[device]
+
+    def _uniform(self, low: float, high: float, shape: tuple[int, ...],
+                 device: torch.device) -> torch.Tensor:
+        u = torch.rand(shape, generator=self.generator(device), device=device)
+        return low + (high - low) * u
+
+    def _chance(self, p: float, n: int, device: torch.device) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator(device), device=device) < p
+
+    # -- geometry -------------------------------------------------------------------------
+    def crop_regions(self, boxes: torch.Tensor) -> torch.Tensor:
+        """The region of each source image the output shows, normalised (x0, y0, x1, y1):
+        the whole image, or for ``zoom`` a jittered crop around the digits or a random
+        crop that keeps them."""
+        n, device = len(boxes), boxes.device
+        whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).expand(n, 4)
+        if self.preset != "zoom":
+            return whole.clone()
+        boxes = boxes.float()
+        # Tight: the box grown by the margin, each x edge moved by up to the jitter share.
+        size = boxes[:, 2:] - boxes[:, :2]
+        grown = torch.cat([boxes[:, :2] - size * ZOOM_CROP_MARGIN,
+                           boxes[:, 2:] + size * ZOOM_CROP_MARGIN], 1).clamp(0, 1)
+        grown_size = (grown[:, 2:] - grown[:, :2]).repeat(1, 2)
+        jitter = torch.tensor([ZOOM_JITTER_X, ZOOM_JITTER_Y] * 2, device=device)
+        tight = grown + self._uniform(-1, 1, (n, 4), device) * jitter * grown_size
+        # Box-safe: each edge anywhere between the box and the image's edge.
+        u = torch.rand(n, 4, generator=self.generator(device), device=device)
+        safe = torch.cat([boxes[:, :2] * u[:, :2], boxes[:, 2:] + (1 - boxes[:, 2:]) * u[:, 2:]],
+                         1)
+        crop = self._chance(ZOOM_CROP_P, n, device)[:, None]
+        near = self._chance(ZOOM_NEAR_P, n, device)[:, None]
+        regions = torch.where(crop, torch.where(near, tight, safe), whole).clamp(0, 1)
+        # A crop is at least 1 % of the image each way (albumentations falls back likewise).
+        low = regions[:, :2].clamp(max=0.99)
+        high = torch.maximum(regions[:, 2:], low + 0.01)
+        return torch.cat([low, high], 1)
+
+    def affine_matrices(self, n: int, device: torch.device) -> torch.Tensor:
+        """(n, 3, 3) random affines in output pixels (x right, y down), about the image
+        centre, composed as albumentations' Affine does: shift @ shear @ rotate @ scale."""
+        eye = torch.eye(3, device=device).expand(n, 3, 3).clone()
+        r = self.affine
+        if r is None:
+            return eye
+        height, width = self.image_size
+        scale = self._uniform(*r.scale, (n, 2), device)
+        shift = self._uniform(-r.shift, r.shift, (n, 2), device) * torch.tensor(
+            [width, height], device=device)
+        angle = torch.deg2rad(self._uniform(-r.rotate, r.rotate, (n,), device))
+        shear = torch.tan(torch.deg2rad(self._uniform(-r.shear, r.shear, (n, 2), device)))
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        rotate = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)
+        ones = torch.ones(n, device=device)
+        shear_m = torch.stack([torch.stack([ones, shear[:, 0]], 1),
+                               torch.stack([shear[:, 1], ones], 1)], 1)
+        linear = shear_m @ rotate @ torch.diag_embed(scale)
+        centre = torch.tensor([width / 2, height / 2], device=device)
+        out = eye.clone()
+        out[:, :2, :2] = linear
+        out[:, :2, 2] = centre + shift - (linear @ centre)
+        applied = self._chance(r.p, n, device)[:, None, None]
+        return torch.where(applied, out, eye)
+
+    def geometry(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 3) maps from normalised source coordinates (0..1, x then y) to normalised
+        output coordinates: crop, resize, then the affine in output pixels."""
+        n, device = len(boxes), boxes.device
+        regions = self.crop_regions(boxes)
+        extent = regions[:, 2:] - regions[:, :2]
+        crop = torch.zeros(n, 3, 3, device=device)
+        crop[:, 0, 0], crop[:, 1, 1], crop[:, 2, 2] = 1 / extent[:, 0], 1 / extent[:, 1], 1
+        crop[:, :2, 2] = -regions[:, :2] / extent
+        height, width = self.image_size
+        to_pixels = torch.diag(torch.tensor([width, height, 1.0], device=device))
+        to_unit = torch.diag(torch.tensor([1 / width, 1 / height, 1.0], device=device))
+        return to_unit @ self.affine_matrices(n, device) @ to_pixels @ crop
+
+    @staticmethod
+    def move_boxes(boxes: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:
+        """Boxes through ``forward`` maps: the bounding box of the four moved corners,
+        clipped to the image; a box that leaves the image becomes the whole image (as the
+        CPU path does when albumentations drops it)."""
+        x0, y0, x1, y1 = boxes.float().unbind(1)
+        corners = torch.stack([torch.stack([x0, y0], 1), torch.stack([x1, y0], 1),
+                               torch.stack([x0, y1], 1), torch.stack([x1, y1], 1)], 1)
+        moved = corners @ forward[:, :2, :2].transpose(1, 2) + forward[:, None, :2, 2]
+        out = torch.cat([moved.amin(1), moved.amax(1)], 1).clamp(0, 1)
+        empty = ((out[:, 2] - out[:, 0]) <= 0) | ((out[:, 3] - out[:, 1]) <= 0)
+        whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device)
+        return torch.where(empty[:, None], whole, out)
+
+    def warp(self, images: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:
+        """Resample float images once through the inverse of each ``forward`` map."""
+        # Output grid coordinates in [-1, 1] -> unit -> source unit -> [-1, 1].
+        unit_to_grid = torch.tensor([[2.0, 0, -1], [0, 2.0, -1], [0, 0, 1]],
+                                    device=images.device)
+        theta = unit_to_grid @ torch.linalg.inv(forward) @ torch.linalg.inv(unit_to_grid)
+        grid = affine_grid(theta[:, :2], self.image_size)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
+                             align_corners=False)
+
+    # -- photometric ----------------------------------------------------------------------
+    def colour_matrices(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample colour jitter as ``M @ rgb + offset``: brightness, contrast,
+        saturation and hue composed in a random order per sample, as ColorJitter shuffles
+        them. Contrast blends with the grey mean of the image as the earlier steps left it."""
+        c, n, device = self.colour, len(images), images.device
+        eye = torch.eye(3, device=device).expand(n, 3, 3)
+        matrix, offset = eye.clone(), torch.zeros(n, 3, device=device)
+        grey = torch.tensor(GREY_WEIGHTS, device=device)
+        mean_rgb = images.mean(dim=(2, 3))
+        bright = self._uniform(1 - c.brightness, 1 + c.brightness, (n,), device)
+        contrast = self._uniform(1 - c.contrast, 1 + c.contrast, (n,), device)
+        saturation = self._uniform(1 - c.saturation, 1 + c.saturation, (n,), device)
+        hue = self._uniform(-c.hue, c.hue, (n,), device) * 2 * math.pi
+        order = torch.rand(n, 4, generator=self.generator(device), device=device).argsort(1)
+        yiq = _RGB_TO_YIQ.to(device=device, dtype=torch.float32)
+        cos, sin = torch.cos(hue), torch.sin(hue)
+        turn = torch.zeros(n, 3, 3, device=device)
+        turn[:, 0, 0] = 1
+        turn[:, 1, 1], turn[:, 1, 2], turn[:, 2, 1], turn[:, 2, 2] = cos, -sin, sin, cos
+        hue_m = torch.linalg.inv(yiq) @ turn @ yiq
+        sat_m = saturation[:, None, None] * eye + (1 - saturation[:, None, None]) * grey.expand(
+            3, 3)
+        for step in range(4):
+            mean_grey = ((matrix @ mean_rgb[:, :, None])[:, :, 0] + offset) @ grey
+            steps = (  # (matrix, offset) after each possible next step
+                (bright[:, None, None] * matrix, bright[:, None] * offset),
+                (contrast[:, None, None] * matrix,
+                 contrast[:, None] * offset + ((1 - contrast) * mean_grey)[:, None]),
+                (sat_m @ matrix, (sat_m @ offset[:, :, None])[:, :, 0]),
+                (hue_m @ matrix, (hue_m @ offset[:, :, None])[:, :, 0]),
+            )
+            which = order[:, step]
+            matrix = torch.stack([m for m, _ in steps], 1)[torch.arange(n), which]
+            offset = torch.stack([o for _, o in steps], 1)[torch.arange(n), which]
+        applied = self._chance(c.jitter_p, n, device)
+        matrix = torch.where(applied[:, None, None], matrix, eye)
+        offset = torch.where(applied[:, None], offset, torch.zeros_like(offset))
+        return matrix, offset
+
+    def blur_kernels(self, n: int, device: torch.device) -> torch.Tensor:
+        """(n, 5, 5) kernels: half Gaussian (3 or 5 wide, sigma 0.5-3), half motion (a
+        line 3 or 5 long at a random angle), each summing to 1."""
+        half = BLUR_SIZE // 2
+        ax = torch.arange(-half, half + 1, device=device, dtype=torch.float32)
+        reach = torch.where(self._chance(0.5, n, device), 1.0, 2.0)  # kernel size 3 or 5
+        inside = (ax.abs()[None] <= reach[:, None]).float()  # (n, 5)
+        sigma = self._uniform(*GAUSSIAN_SIGMA, (n,), device)
+        g = torch.exp(-(ax[None] ** 2) / (2 * sigma[:, None] ** 2)) * inside
+        gaussian = g[:, :, None] * g[:, None, :]
+        angle = self._uniform(0, math.pi, (n,), device)
+        y, x = torch.meshgrid(ax, ax, indexing="ij")
+        along = x[None] * torch.cos(angle)[:, None, None] + y[None] * torch.sin(angle)[:, None,
+                                                                                       None]
+        across = -x[None] * torch.sin(angle)[:, None, None] + y[None] * torch.cos(angle)[
+            :, None, None]
+        beyond = (along.abs() - reach[:, None, None]).clamp(min=0)
+        motion = (1 - torch.sqrt(across**2 + beyond**2)).clamp(min=0)
+        kernels = torch.where(self._chance(0.5, n, device)[:, None, None], gaussian, motion)
+        return kernels / kernels.sum(dim=(1, 2), keepdim=True)
+
+    def _blur(self, images: torch.Tensor, index: torch.Tensor) -> None:
+        subset = images[index]
+        n, channels, height, width = subset.shape
+        kernels = self.blur_kernels(n, images.device).repeat_interleave(channels, 0)
+        pad = BLUR_SIZE // 2
+        flat = F.pad(subset.reshape(1, n * channels, height, width), (pad,) * 4, mode="reflect")
+        blurred = F.conv2d(flat, kernels[:, None], groups=n * channels)
+        images[index] = blurred.reshape(n, channels, height, width)
+
+    def _noise(self, images: torch.Tensor, index: torch.Tensor) -> None:
+        device = images.device
+        std = self._uniform(*self.colour.noise_std, (len(index), 1, 1, 1), device) * 255
+        noise = torch.randn((len(index), *images.shape[1:]), generator=self.generator(device),
+                            device=device)
+        images[index] = noise.mul_(std).add_(images[index]).clamp_(0, 255)
+
+    @staticmethod
+    def _grey(images: torch.Tensor, index: torch.Tensor) -> None:
+        grey = torch.tensor(GREY_WEIGHTS, device=images.device).view(1, 3, 1, 1)
+        images[index] = (images[index] * grey).sum(1, keepdim=True).expand(-1, 3, -1, -1)
+
+    @staticmethod
+    def _invert(images: torch.Tensor, index: torch.Tensor) -> None:
+        images[index] = 255 - images[index]
+
+    def photometric(self, images: torch.Tensor) -> torch.Tensor:
+        """Float images in [0, 255] -> the preset's colour changes, in albumentations'
+        order: jitter, blur, noise, grey, inversion (each but the jitter on the subset of
+        samples it picks)."""
+        c, n, device = self.colour, len(images), images.device
+        if c is None:
+            return images
+        matrix, offset = self.colour_matrices(images)
+        shape = images.shape
+        images = torch.baddbmm(offset[:, :, None], matrix, images.reshape(n, 3, -1))
+        images = images.clamp_(0, 255).reshape(shape)
+        for p, step in ((c.blur_p, self._blur), (c.noise_p, self._noise),
+                        (c.gray_p, self._grey), (c.invert_p, self._invert)):
+            if p:
+                index = self._chance(p, n, device).nonzero()[:, 0]
+                if len(index):
+                    step(images, index)
+        return images
+
+    # -- the whole preset -----------------------------------------------------------------
+    def __call__(self, images: torch.Tensor, boxes: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 (B, 3, H, W) images, got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+            boxes = boxes.to(images.device, torch.float32)
+            forward = self.geometry(boxes)
+            out = self.warp(to_float(images), forward)
+            out = self.photometric(out)
+            out = out.round_().clamp_(0, 255).to(torch.uint8)
+            return out, self.move_boxes(boxes, forward)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(preset={self.preset!r}, image_size={self.image_size}, "
+                f"seed={self.seed})")

@@ -1,40 +1,51 @@
-"""The augmentation presets applied to whole batches on the model's device.
+"""The augmentation presets applied to whole batches where the model runs.
 
 With ``augment_on: device`` (``SVHNDataModule``) the dataloader only gathers cached uint8
 images at cache size and the digits' boxes; :class:`BatchAugment` then augments the batch
-where the model runs, after the host-to-device copy. It draws the same parameter ranges as
-the albumentations presets in ``svhn.transforms`` (which stay the reference), per sample:
+on the model's device, after the host-to-device copy. It draws the same parameter ranges as
+the albumentations presets in ``svhn.transforms`` (which stay the reference), per sample,
+all at once for the batch from one seeded ``torch.Generator``:
 
 - geometry: every step of a preset (the zoom preset's crop, the resize to ``image_size``,
-  the random affine) is composed into one 3x3 matrix per sample, and the whole batch is
-  resampled once (``F.affine_grid`` + ``F.grid_sample``, bilinear, border replicated as
-  ``cv2.BORDER_REPLICATE``). Boxes move with the same matrices: the four corners are
-  mapped, their bounding box taken and clipped to the image (albumentations' "largest box").
+  the random affine) is composed into one 3x3 matrix per sample, and each image is
+  resampled once (bilinear, border replicated as ``cv2.BORDER_REPLICATE``). Boxes move
+  with the same matrices: the four corners are mapped, their bounding box taken and
+  clipped to the image (albumentations' "largest box").
 - photometric: the colour jitter (brightness, contrast, saturation, hue, in a random order
-  per sample) is one 3x3 colour matrix plus an offset per sample, applied in one batched
-  product; blur (Gaussian or motion, per-sample kernels in one grouped convolution), noise,
-  grey and inversion run on the random subset of samples each one picks.
+  per sample) is one 3x3 colour matrix plus an offset per sample; blur (Gaussian or motion,
+  per-sample kernels), noise, grey and inversion touch only the samples each one picks.
+
+Two backends apply the same parameters (``backend="auto"`` picks by the batch's device):
+
+- ``torch`` (accelerators): one ``F.affine_grid`` + ``F.grid_sample`` per batch, the
+  jitter as one batched matrix product, blur as one grouped convolution.
+- ``opencv`` (CPU tensors): ``cv2.warpAffine`` and ``cv2.transform`` image by image on
+  uint8. On a CPU, torch's ``grid_sample`` and float passes over the batch cost 2-3x what
+  OpenCV's small-image kernels do, and many-threaded batch ops stall when other processes
+  share the cores; a Python loop over 64 images costs little next to either.
 
 Output: uint8 (B, 3, H, W) images, as the CPU path sends them, so the model's
 ``normalize_images`` and everything reading ``batch["image"]`` see one contract; and float
 (B, 4) boxes, normalised (x0, y0, x1, y1).
 
 Where it differs from albumentations (same ranges and probabilities, not the same pixels):
-the jitter is clipped to [0, 255] once at its end rather than after each of its four steps;
-hue turns the colour around the grey axis (a YIQ rotation) rather than shifting an HSV hue;
-motion blur is a centred line kernel (no random shift or direction bias); crop edges and
-shifts are continuous rather than whole pixels. ``tests/test_batch_augment.py`` compares
-the two on the statistics that matter (crop sizes, box positions, brightness spread).
+the ``torch`` backend clips the jitter to [0, 255] once at its end rather than after each
+of its four steps; hue turns the colour around the grey axis (a YIQ rotation) rather than
+shifting an HSV hue; motion blur is a centred line kernel (no random shift or direction
+bias); crop edges and shifts are continuous rather than whole pixels. The tests compare the
+two on the statistics that matter (crop sizes, box positions, brightness and colour).
 
-Plain torch, not kornia: kornia's augmentation containers resample once per geometric
-step (a crop, then an affine) and add a dependency; here one matrix product per sample and
-one ``grid_sample`` per batch is all the geometry costs, on any device torch supports.
+Plain torch (and OpenCV, already a dependency), not kornia: kornia's augmentation
+containers resample once per geometric step (a crop, then an affine) and would add a
+dependency for what is here one matrix product per sample and one resampling per batch.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -88,6 +99,23 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
+@dataclass
+class Photometric:
+    """The random photometric choices for one batch (both backends apply the same)."""
+
+    matrix: torch.Tensor  # (B, 3, 3) colour jitter: rgb' = matrix @ rgb + offset
+    offset: torch.Tensor  # (B, 3)
+    blur: torch.Tensor  # indices of the samples blurred...
+    kernels: torch.Tensor  # ...and their (k, 5, 5) kernels
+    noise: torch.Tensor  # indices of the samples with noise...
+    noise_values: torch.Tensor  # ...and their (k, 3, H, W) noise
+    grey: torch.Tensor  # indices turned grey
+    invert: torch.Tensor  # indices inverted
+
+
+BACKENDS = ("auto", "torch", "opencv")
+
+
 class BatchAugment:
     """A preset of ``svhn.transforms`` for whole batches on their device.
 
@@ -98,9 +126,13 @@ class BatchAugment:
     seed gives the same batches on the same device.
     """
 
-    def __init__(self, preset: str, image_size: tuple[int, int], seed: int = 0):
+    def __init__(self, preset: str, image_size: tuple[int, int], seed: int = 0,
+                 backend: str = "auto"):
         if preset not in PRESETS:
             raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {PRESETS}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}.")
+        self.backend = backend
         self.preset = preset
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.affine: AffineRange | None = AFFINE.get(preset)
@@ -222,15 +254,15 @@ class BatchAugment:
                              align_corners=False)
 
     # -- photometric ----------------------------------------------------------------------
-    def colour_matrices(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def colour_matrices(self, mean_rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample colour jitter as ``M @ rgb + offset``: brightness, contrast,
         saturation and hue composed in a random order per sample, as ColorJitter shuffles
-        them. Contrast blends with the grey mean of the image as the earlier steps left it."""
-        c, n, device = self.colour, len(images), images.device
+        them. Contrast blends with the grey mean of the image as the earlier steps left it
+        (``mean_rgb``: each image's channel means before the jitter)."""
+        c, n, device = self.colour, len(mean_rgb), mean_rgb.device
         eye = torch.eye(3, device=device).expand(n, 3, 3)
         matrix, offset = eye.clone(), torch.zeros(n, 3, device=device)
         grey = torch.tensor(GREY_WEIGHTS, device=device)
-        mean_rgb = images.mean(dim=(2, 3))
         bright = self._uniform(1 - c.brightness, 1 + c.brightness, (n,), device)
         contrast = self._uniform(1 - c.contrast, 1 + c.contrast, (n,), device)
         saturation = self._uniform(1 - c.saturation, 1 + c.saturation, (n,), device)
@@ -242,8 +274,9 @@ class BatchAugment:
         turn[:, 0, 0] = 1
         turn[:, 1, 1], turn[:, 1, 2], turn[:, 2, 1], turn[:, 2, 2] = cos, -sin, sin, cos
         hue_m = torch.linalg.inv(yiq) @ turn @ yiq
-        sat_m = saturation[:, None, None] * eye + (1 - saturation[:, None, None]) * grey.expand(
-            3, 3)
+        s = saturation[:, None, None]
+        sat_m = s * eye + (1 - s) * grey.expand(3, 3)
+        rows = torch.arange(n, device=device)
         for step in range(4):
             mean_grey = ((matrix @ mean_rgb[:, :, None])[:, :, 0] + offset) @ grey
             steps = (  # (matrix, offset) after each possible next step
@@ -254,8 +287,8 @@ class BatchAugment:
                 (hue_m @ matrix, (hue_m @ offset[:, :, None])[:, :, 0]),
             )
             which = order[:, step]
-            matrix = torch.stack([m for m, _ in steps], 1)[torch.arange(n), which]
-            offset = torch.stack([o for _, o in steps], 1)[torch.arange(n), which]
+            matrix = torch.stack([m for m, _ in steps], 1)[rows, which]
+            offset = torch.stack([o for _, o in steps], 1)[rows, which]
         applied = self._chance(c.jitter_p, n, device)
         matrix = torch.where(applied[:, None, None], matrix, eye)
         offset = torch.where(applied[:, None], offset, torch.zeros_like(offset))
@@ -271,62 +304,85 @@ class BatchAugment:
         sigma = self._uniform(*GAUSSIAN_SIGMA, (n,), device)
         g = torch.exp(-(ax[None] ** 2) / (2 * sigma[:, None] ** 2)) * inside
         gaussian = g[:, :, None] * g[:, None, :]
-        angle = self._uniform(0, math.pi, (n,), device)
+        angle = self._uniform(0, math.pi, (n,), device)[:, None, None]
         y, x = torch.meshgrid(ax, ax, indexing="ij")
-        along = x[None] * torch.cos(angle)[:, None, None] + y[None] * torch.sin(angle)[:, None,
-                                                                                       None]
-        across = -x[None] * torch.sin(angle)[:, None, None] + y[None] * torch.cos(angle)[
-            :, None, None]
+        along = x * torch.cos(angle) + y * torch.sin(angle)
+        across = -x * torch.sin(angle) + y * torch.cos(angle)
         beyond = (along.abs() - reach[:, None, None]).clamp(min=0)
         motion = (1 - torch.sqrt(across**2 + beyond**2)).clamp(min=0)
         kernels = torch.where(self._chance(0.5, n, device)[:, None, None], gaussian, motion)
         return kernels / kernels.sum(dim=(1, 2), keepdim=True)
 
-    def _blur(self, images: torch.Tensor, index: torch.Tensor) -> None:
-        subset = images[index]
-        n, channels, height, width = subset.shape
-        kernels = self.blur_kernels(n, images.device).repeat_interleave(channels, 0)
-        pad = BLUR_SIZE // 2
-        flat = F.pad(subset.reshape(1, n * channels, height, width), (pad,) * 4, mode="reflect")
-        blurred = F.conv2d(flat, kernels[:, None], groups=n * channels)
-        images[index] = blurred.reshape(n, channels, height, width)
-
-    def _noise(self, images: torch.Tensor, index: torch.Tensor) -> None:
-        device = images.device
-        std = self._uniform(*self.colour.noise_std, (len(index), 1, 1, 1), device) * 255
-        noise = torch.randn((len(index), *images.shape[1:]), generator=self.generator(device),
-                            device=device)
-        images[index] = noise.mul_(std).add_(images[index]).clamp_(0, 255)
-
-    @staticmethod
-    def _grey(images: torch.Tensor, index: torch.Tensor) -> None:
-        grey = torch.tensor(GREY_WEIGHTS, device=images.device).view(1, 3, 1, 1)
-        images[index] = (images[index] * grey).sum(1, keepdim=True).expand(-1, 3, -1, -1)
-
-    @staticmethod
-    def _invert(images: torch.Tensor, index: torch.Tensor) -> None:
-        images[index] = 255 - images[index]
-
-    def photometric(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images in [0, 255] -> the preset's colour changes, in albumentations'
-        order: jitter, blur, noise, grey, inversion (each but the jitter on the subset of
-        samples it picks)."""
-        c, n, device = self.colour, len(images), images.device
+    def sample_photometric(self, mean_rgb: torch.Tensor, shape: tuple[int, int, int]
+                           ) -> Photometric | None:
+        """Every random choice of the photometric steps for a batch whose images (of
+        ``shape`` (3, H, W)) have channel means ``mean_rgb``; None for ``none``."""
+        c, n, device = self.colour, len(mean_rgb), mean_rgb.device
         if c is None:
-            return images
-        matrix, offset = self.colour_matrices(images)
-        shape = images.shape
-        images = torch.baddbmm(offset[:, :, None], matrix, images.reshape(n, 3, -1))
+            return None
+        matrix, offset = self.colour_matrices(mean_rgb)
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        picked = {}
+        for name, p in (("blur", c.blur_p), ("noise", c.noise_p), ("grey", c.gray_p),
+                        ("invert", c.invert_p)):
+            picked[name] = self._chance(p, n, device).nonzero()[:, 0] if p else empty
+            if name == "blur":
+                kernels = self.blur_kernels(len(picked[name]), device)
+            elif name == "noise":
+                k = len(picked[name])
+                std = self._uniform(*c.noise_std, (k, 1, 1, 1), device) * 255
+                noise = torch.randn((k, *shape), generator=self.generator(device),
+                                    device=device) * std
+        return Photometric(matrix, offset, picked["blur"], kernels, picked["noise"], noise,
+                           picked["grey"], picked["invert"])
+
+    @staticmethod
+    def colour_batch(images: torch.Tensor, p: Photometric) -> torch.Tensor:
+        """The photometric steps on float images in [0, 255], batched: the jitter as one
+        batched matrix product, the rest on the samples each step picked."""
+        n, shape = len(images), images.shape
+        images = torch.baddbmm(p.offset[:, :, None], p.matrix, images.reshape(n, 3, -1))
         images = images.clamp_(0, 255).reshape(shape)
-        for p, step in ((c.blur_p, self._blur), (c.noise_p, self._noise),
-                        (c.gray_p, self._grey), (c.invert_p, self._invert)):
-            if p:
-                index = self._chance(p, n, device).nonzero()[:, 0]
-                if len(index):
-                    step(images, index)
+        if len(p.blur):
+            subset = images[p.blur]
+            k, channels, height, width = subset.shape
+            pad = BLUR_SIZE // 2
+            flat = F.pad(subset.reshape(1, k * channels, height, width), (pad,) * 4,
+                         mode="reflect")  # torch's reflect is cv2's BORDER_REFLECT_101
+            kernels = p.kernels.repeat_interleave(channels, 0)[:, None]
+            images[p.blur] = F.conv2d(flat, kernels, groups=k * channels).reshape(subset.shape)
+        if len(p.noise):
+            images[p.noise] = (images[p.noise] + p.noise_values).clamp_(0, 255)
+        if len(p.grey):
+            grey = torch.tensor(GREY_WEIGHTS, device=images.device).view(1, 3, 1, 1)
+            images[p.grey] = (images[p.grey] * grey).sum(1, keepdim=True).expand(-1, 3, -1, -1)
+        if len(p.invert):
+            images[p.invert] = 255 - images[p.invert]
         return images
 
+    @staticmethod
+    def colour_each(images: np.ndarray, p: Photometric) -> None:
+        """The same steps with OpenCV, image by image, in place on uint8 (B, H, W, 3)."""
+        jitter = torch.cat([p.matrix, p.offset[:, :, None]], 2).numpy()
+        changed = (p.matrix != torch.eye(3)).flatten(1).any(1) | (p.offset != 0).any(1)
+        for i in changed.nonzero()[:, 0].tolist():
+            cv2.transform(images[i], jitter[i], dst=images[i])
+        for i, kernel in zip(p.blur.tolist(), p.kernels.numpy()):
+            cv2.filter2D(images[i], -1, kernel, dst=images[i], borderType=cv2.BORDER_REFLECT_101)
+        if len(p.noise):
+            noisy = images[p.noise.numpy()] + p.noise_values.permute(0, 2, 3, 1).numpy()
+            images[p.noise.numpy()] = np.clip(np.rint(noisy), 0, 255)
+        grey = np.array([GREY_WEIGHTS] * 3, dtype=np.float32)
+        for i in p.grey.tolist():
+            cv2.transform(images[i], grey, dst=images[i])
+        for i in p.invert.tolist():
+            cv2.bitwise_not(images[i], dst=images[i])
+
     # -- the whole preset -----------------------------------------------------------------
+    def use_opencv(self, images: torch.Tensor) -> bool:
+        return self.backend == "opencv" or (self.backend == "auto"
+                                            and images.device.type == "cpu")
+
     def __call__(self, images: torch.Tensor, boxes: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         if images.dtype != torch.uint8 or images.ndim != 4:
@@ -335,11 +391,39 @@ class BatchAugment:
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
             boxes = boxes.to(images.device, torch.float32)
             forward = self.geometry(boxes)
-            out = self.warp(to_float(images), forward)
-            out = self.photometric(out)
-            out = out.round_().clamp_(0, 255).to(torch.uint8)
+            shape = (images.shape[1], *self.image_size)
+            if self.use_opencv(images):
+                out = self._warp_each(images, forward)
+                means = torch.tensor([cv2.mean(image)[:3] for image in out],
+                                     dtype=torch.float32).reshape(-1, 3)
+                colour = self.sample_photometric(means, shape)
+                if colour is not None:
+                    self.colour_each(out, colour)
+                out = torch.from_numpy(out).permute(0, 3, 1, 2).to(images.device)
+            else:
+                out = self.warp(to_float(images), forward)
+                colour = self.sample_photometric(out.mean(dim=(2, 3)), shape)
+                if colour is not None:
+                    out = self.colour_batch(out, colour)
+                out = out.round_().clamp_(0, 255).to(torch.uint8)
             return out, self.move_boxes(boxes, forward)
+
+    def _warp_each(self, images: torch.Tensor, forward: torch.Tensor) -> np.ndarray:
+        """The warp with OpenCV, image by image: uint8 (B, H, W, 3) at ``image_size``."""
+        height, width = self.image_size
+        source_h, source_w = images.shape[-2:]
+        # cv2 maps pixel centres: unit u = (x + 0.5) / size on both sides.
+        from_pixels = torch.tensor([[1 / source_w, 0, 0.5 / source_w],
+                                    [0, 1 / source_h, 0.5 / source_h], [0, 0, 1]])
+        to_pixels = torch.tensor([[width, 0, -0.5], [0, height, -0.5], [0, 0, 1.0]])
+        matrices = (to_pixels @ forward.cpu() @ from_pixels)[:, :2].double().numpy()
+        source = images.cpu().permute(0, 2, 3, 1).numpy()
+        out = np.empty((len(images), height, width, images.shape[1]), dtype=np.uint8)
+        for i in range(len(images)):
+            cv2.warpAffine(np.ascontiguousarray(source[i]), matrices[i], (width, height),
+                           dst=out[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return out
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(preset={self.preset!r}, image_size={self.image_size}, "
-                f"seed={self.seed})")
+                f"seed={self.seed}, backend={self.backend!r})")

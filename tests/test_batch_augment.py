@@ -58,15 +58,16 @@ def bright_extent(images: torch.Tensor) -> torch.Tensor:
                         (last(cols) + 1) / width, (last(rows) + 1) / height], 1)
 
 
+@pytest.mark.parametrize("backend", ["torch", "opencv"])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_moved_boxes_still_bound_the_digits(preset):
+def test_moved_boxes_still_bound_the_digits(preset, backend):
     generator = torch.Generator().manual_seed(0)
     n = 64
     corner = torch.rand(n, 2, generator=generator) * 0.5 + 0.05
     size = torch.rand(n, 2, generator=generator) * 0.3 + 0.15
     boxes = torch.cat([corner, corner + size], 1)
     images = rectangles(boxes, (64, 128))  # cache size: twice the output size
-    augment = BatchAugment(preset, IMAGE_SIZE, seed=1)
+    augment = BatchAugment(preset, IMAGE_SIZE, seed=1, backend=backend)
     augment.colour = None  # geometry only: inversion or jitter would hide the rectangle
     out, moved = augment(images, boxes)
     assert out.shape == (n, 3, *IMAGE_SIZE) and out.dtype == torch.uint8
@@ -75,6 +76,24 @@ def test_moved_boxes_still_bound_the_digits(preset):
     # Within 1.5 output pixels of where the bright pixels are (bilinear edges blur by ~1).
     assert ((seen - moved).abs() <= 1.5 * pixel).all(), (seen - moved).abs().max(0)
     assert not torch.allclose(moved, boxes, atol=0.02)  # the boxes did move
+
+
+@pytest.mark.parametrize("preset", ["none", *PRESETS])
+def test_both_backends_make_the_same_batch(preset):
+    # The same seed draws the same parameters; torch (grid_sample, batched colour) and
+    # OpenCV (warpAffine, cv2.transform per image) then differ only by rounding.
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (32, 3, 64, 128), dtype=torch.uint8, generator=generator)
+    images = F.avg_pool2d(noise.float(), 5, 1, 2).round().to(torch.uint8)  # smooth, not flat
+    boxes = torch.tensor([[0.3, 0.25, 0.6, 0.8]]).repeat(32, 1)
+    by_torch = BatchAugment(preset, IMAGE_SIZE, seed=3, backend="torch")(images, boxes)
+    by_opencv = BatchAugment(preset, IMAGE_SIZE, seed=3, backend="opencv")(images, boxes)
+    difference = (by_torch[0].float() - by_opencv[0].float()).abs()
+    assert difference.mean() < 0.5 and difference.max() <= 3
+    assert torch.allclose(by_torch[1], by_opencv[1])
+    if preset != "none":  # and the batch did change
+        plain = BatchAugment("none", IMAGE_SIZE, backend="torch")(images, boxes)[0]
+        assert (by_torch[0].float() - plain.float()).abs().mean() > 5
 
 
 def test_boxes_that_leave_the_image_become_the_whole_image():

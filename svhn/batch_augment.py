@@ -71,6 +71,11 @@ GAUSSIAN_SIGMA = (0.5, 3.0)  # albumentations' GaussianBlur default sigma_limit
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114],
                             [0.596, -0.274, -0.322],
                             [0.211, -0.523, 0.312]], dtype=torch.float64)
+BACKENDS = ("auto", "torch", "opencv")
+
+
+# Small matrices are multiplied as batches (bmm), never broadcast into one mm: a BLAS mm
+# wakes its thread pool, which on a CPU shared with other processes stalls ~10 ms a call.
 
 
 def derive_seed(*parts: int) -> int:
@@ -91,6 +96,20 @@ def affine_grid(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return rows[:, :, None, :] + columns[:, None, :, :]
 
 
+def invert_affine(matrices: torch.Tensor) -> torch.Tensor:
+    """Inverses of (B, 3, 3) affine matrices (last row 0 0 1), in closed form: no solver
+    call (``torch.linalg.inv`` would wait for the GPU to check for singular input)."""
+    a, b, c, d = (matrices[:, i, j] for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)))
+    det = a * d - b * c
+    linear = torch.stack([torch.stack([d, -b], 1), torch.stack([-c, a], 1)], 1) / det[:, None,
+                                                                                       None]
+    out = torch.zeros_like(matrices)
+    out[:, :2, :2] = linear
+    out[:, :2, 2] = -(linear @ matrices[:, :2, 2:])[:, :, 0]
+    out[:, 2, 2] = 1
+    return out
+
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 -> float32 in the layout the batch has: a channels-last batch (how gathered
     HWC images arrive) converts as contiguous HWC, many times faster than strided on CPU."""
@@ -101,19 +120,19 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Photometric:
-    """The random photometric choices for one batch (both backends apply the same)."""
+    """The random photometric choices for one batch, as (B, ...) tensors and per-sample
+    masks (no data-dependent shapes: nothing waits for an accelerator). Both backends
+    apply the same choices; the noise itself is drawn last, by the backend."""
 
-    matrix: torch.Tensor  # (B, 3, 3) colour jitter: rgb' = matrix @ rgb + offset
+    jitter: torch.Tensor  # (B,) jittered, with...
+    matrix: torch.Tensor  # (B, 3, 3) rgb' = matrix @ rgb + offset (identity if not)
     offset: torch.Tensor  # (B, 3)
-    blur: torch.Tensor  # indices of the samples blurred...
-    kernels: torch.Tensor  # ...and their (k, 5, 5) kernels
-    noise: torch.Tensor  # indices of the samples with noise...
-    noise_values: torch.Tensor  # ...and their (k, 3, H, W) noise
-    grey: torch.Tensor  # indices turned grey
-    invert: torch.Tensor  # indices inverted
-
-
-BACKENDS = ("auto", "torch", "opencv")
+    blur: torch.Tensor  # (B,) blurred, with...
+    kernels: torch.Tensor  # (B, 5, 5) kernels
+    noise: torch.Tensor  # (B,) with noise of...
+    noise_std: torch.Tensor  # (B,) standard deviation, in levels of 255
+    grey: torch.Tensor  # (B,) turned grey
+    invert: torch.Tensor  # (B,) inverted
 
 
 class BatchAugment:
@@ -123,7 +142,7 @@ class BatchAugment:
     ``boxes`` (B, 4) normalised union boxes of the digits; returns uint8 (B, 3, H, W) at
     ``image_size`` and the boxes moved with the images. Random parameters come from one
     ``torch.Generator`` per device, seeded by ``seed`` (``reseed`` starts it again), so a
-    seed gives the same batches on the same device.
+    seed gives the same batches on the same device. ``backend``: see the module docstring.
     """
 
     def __init__(self, preset: str, image_size: tuple[int, int], seed: int = 0,
@@ -132,13 +151,14 @@ class BatchAugment:
             raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {PRESETS}.")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}.")
-        self.backend = backend
         self.preset = preset
         self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.backend = backend
         self.affine: AffineRange | None = AFFINE.get(preset)
         self.colour: ColourRange | None = colour_range(preset)
         self.seed = int(seed)
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._constants: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     def reseed(self, seed: int) -> None:
         self.seed = int(seed)
@@ -152,6 +172,20 @@ class BatchAugment:
             self._generators[device] = generator
         return self._generators[device]
 
+    def constants(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Small constant tensors, copied to each device once (a copy from the host would
+        otherwise wait for the accelerator on every batch)."""
+        device = torch.device(device)
+        if device not in self._constants:
+            grey = torch.tensor(GREY_WEIGHTS, dtype=torch.float32)
+            self._constants[device] = {
+                "grey": grey.to(device),
+                "grey_rows": grey.expand(3, 3).contiguous().to(device),
+                "yiq": _RGB_TO_YIQ.float().to(device),
+                "yiq_inverse": torch.linalg.inv(_RGB_TO_YIQ).float().to(device),
+            }
+        return self._constants[device]
+
     def _uniform(self, low: float, high: float, shape: tuple[int, ...],
                  device: torch.device) -> torch.Tensor:
         u = torch.rand(shape, generator=self.generator(device), device=device)
@@ -160,23 +194,28 @@ class BatchAugment:
     def _chance(self, p: float, n: int, device: torch.device) -> torch.Tensor:
         return torch.rand(n, generator=self.generator(device), device=device) < p
 
+    def use_opencv(self, images: torch.Tensor) -> bool:
+        return self.backend == "opencv" or (self.backend == "auto"
+                                            and images.device.type == "cpu")
+
     # -- geometry -------------------------------------------------------------------------
     def crop_regions(self, boxes: torch.Tensor) -> torch.Tensor:
         """The region of each source image the output shows, normalised (x0, y0, x1, y1):
         the whole image, or for ``zoom`` a jittered crop around the digits or a random
         crop that keeps them."""
         n, device = len(boxes), boxes.device
-        whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).expand(n, 4)
+        whole = torch.zeros(n, 4, device=device)
+        whole[:, 2:] = 1
         if self.preset != "zoom":
-            return whole.clone()
-        boxes = boxes.float()
-        # Tight: the box grown by the margin, each x edge moved by up to the jitter share.
+            return whole
+        # Tight: the box grown by the margin, each edge moved by up to the jitter share.
         size = boxes[:, 2:] - boxes[:, :2]
         grown = torch.cat([boxes[:, :2] - size * ZOOM_CROP_MARGIN,
                            boxes[:, 2:] + size * ZOOM_CROP_MARGIN], 1).clamp(0, 1)
-        grown_size = (grown[:, 2:] - grown[:, :2]).repeat(1, 2)
-        jitter = torch.tensor([ZOOM_JITTER_X, ZOOM_JITTER_Y] * 2, device=device)
-        tight = grown + self._uniform(-1, 1, (n, 4), device) * jitter * grown_size
+        reach = (grown[:, 2:] - grown[:, :2]).repeat(1, 2)
+        reach[:, 0::2] *= ZOOM_JITTER_X
+        reach[:, 1::2] *= ZOOM_JITTER_Y
+        tight = grown + self._uniform(-1, 1, (n, 4), device) * reach
         # Box-safe: each edge anywhere between the box and the image's edge.
         u = torch.rand(n, 4, generator=self.generator(device), device=device)
         safe = torch.cat([boxes[:, :2] * u[:, :2], boxes[:, 2:] + (1 - boxes[:, 2:]) * u[:, 2:]],
@@ -192,14 +231,13 @@ class BatchAugment:
     def affine_matrices(self, n: int, device: torch.device) -> torch.Tensor:
         """(n, 3, 3) random affines in output pixels (x right, y down), about the image
         centre, composed as albumentations' Affine does: shift @ shear @ rotate @ scale."""
-        eye = torch.eye(3, device=device).expand(n, 3, 3).clone()
+        eye = torch.eye(3, device=device).expand(n, 3, 3)
         r = self.affine
         if r is None:
-            return eye
+            return eye.clone()
         height, width = self.image_size
         scale = self._uniform(*r.scale, (n, 2), device)
-        shift = self._uniform(-r.shift, r.shift, (n, 2), device) * torch.tensor(
-            [width, height], device=device)
+        shift = self._uniform(-r.shift, r.shift, (n, 2), device)
         angle = torch.deg2rad(self._uniform(-r.rotate, r.rotate, (n,), device))
         shear = torch.tan(torch.deg2rad(self._uniform(-r.shear, r.shear, (n, 2), device)))
         cos, sin = torch.cos(angle), torch.sin(angle)
@@ -208,10 +246,13 @@ class BatchAugment:
         shear_m = torch.stack([torch.stack([ones, shear[:, 0]], 1),
                                torch.stack([shear[:, 1], ones], 1)], 1)
         linear = shear_m @ rotate @ torch.diag_embed(scale)
-        centre = torch.tensor([width / 2, height / 2], device=device)
-        out = eye.clone()
+        out = torch.zeros(n, 3, 3, device=device)
         out[:, :2, :2] = linear
-        out[:, :2, 2] = centre + shift - (linear @ centre)
+        out[:, 2, 2] = 1
+        # About the centre (cx, cy), then shifted by a share of the image size.
+        cx, cy = width / 2, height / 2
+        out[:, 0, 2] = cx + shift[:, 0] * width - (linear[:, 0, 0] * cx + linear[:, 0, 1] * cy)
+        out[:, 1, 2] = cy + shift[:, 1] * height - (linear[:, 1, 0] * cx + linear[:, 1, 1] * cy)
         applied = self._chance(r.p, n, device)[:, None, None]
         return torch.where(applied, out, eye)
 
@@ -221,13 +262,17 @@ class BatchAugment:
         n, device = len(boxes), boxes.device
         regions = self.crop_regions(boxes)
         extent = regions[:, 2:] - regions[:, :2]
-        crop = torch.zeros(n, 3, 3, device=device)
-        crop[:, 0, 0], crop[:, 1, 1], crop[:, 2, 2] = 1 / extent[:, 0], 1 / extent[:, 1], 1
-        crop[:, :2, 2] = -regions[:, :2] / extent
         height, width = self.image_size
-        to_pixels = torch.diag(torch.tensor([width, height, 1.0], device=device))
-        to_unit = torch.diag(torch.tensor([1 / width, 1 / height, 1.0], device=device))
-        return to_unit @ self.affine_matrices(n, device) @ to_pixels @ crop
+        # Crop + resize, straight into output pixels: x_out = (x - x0) / extent * width.
+        crop = torch.zeros(n, 3, 3, device=device)
+        crop[:, 0, 0], crop[:, 1, 1] = width / extent[:, 0], height / extent[:, 1]
+        crop[:, 0, 2] = -regions[:, 0] / extent[:, 0] * width
+        crop[:, 1, 2] = -regions[:, 1] / extent[:, 1] * height
+        crop[:, 2, 2] = 1
+        forward = self.affine_matrices(n, device) @ crop
+        forward[:, 0] /= width  # output pixels -> normalised output coordinates
+        forward[:, 1] /= height
+        return forward
 
     @staticmethod
     def move_boxes(boxes: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:
@@ -240,45 +285,68 @@ class BatchAugment:
         moved = corners @ forward[:, :2, :2].transpose(1, 2) + forward[:, None, :2, 2]
         out = torch.cat([moved.amin(1), moved.amax(1)], 1).clamp(0, 1)
         empty = ((out[:, 2] - out[:, 0]) <= 0) | ((out[:, 3] - out[:, 1]) <= 0)
-        whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device)
+        whole = torch.zeros_like(out)
+        whole[:, 2:] = 1
         return torch.where(empty[:, None], whole, out)
 
     def warp(self, images: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:
         """Resample float images once through the inverse of each ``forward`` map."""
-        # Output grid coordinates in [-1, 1] -> unit -> source unit -> [-1, 1].
-        unit_to_grid = torch.tensor([[2.0, 0, -1], [0, 2.0, -1], [0, 0, 1]],
-                                    device=images.device)
-        theta = unit_to_grid @ torch.linalg.inv(forward) @ torch.linalg.inv(unit_to_grid)
-        grid = affine_grid(theta[:, :2], self.image_size)
+        # Grid coordinates are g = 2u - 1 on both sides: for u_src = A u_out + t,
+        # g_src = A g_out + (A @ 1 + 2t - 1).
+        inverse = invert_affine(forward)
+        linear, shift = inverse[:, :2, :2], inverse[:, :2, 2]
+        theta = torch.cat([linear, (linear.sum(2) + 2 * shift - 1)[:, :, None]], 2)
+        grid = affine_grid(theta, self.image_size)
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
                              align_corners=False)
 
+    def _warp_each(self, images: torch.Tensor, forward: torch.Tensor) -> np.ndarray:
+        """The warp with OpenCV, image by image: uint8 (B, H, W, 3) at ``image_size``."""
+        height, width = self.image_size
+        source_h, source_w = images.shape[-2:]
+        # cv2 maps pixel centres: unit u = (x + 0.5) / size on both sides.
+        from_pixels = torch.tensor([[1 / source_w, 0, 0.5 / source_w],
+                                    [0, 1 / source_h, 0.5 / source_h], [0, 0, 1]])
+        to_pixels = torch.tensor([[width, 0, -0.5], [0, height, -0.5], [0, 0, 1.0]])
+        n = len(forward)
+        matrices = torch.bmm(torch.bmm(to_pixels.expand(n, 3, 3), forward.cpu()),
+                             from_pixels.expand(n, 3, 3))[:, :2].double().numpy()
+        source = images.cpu().permute(0, 2, 3, 1).numpy()
+        out = np.empty((len(images), height, width, images.shape[1]), dtype=np.uint8)
+        for i in range(len(images)):
+            cv2.warpAffine(np.ascontiguousarray(source[i]), matrices[i], (width, height),
+                           dst=out[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return out
+
     # -- photometric ----------------------------------------------------------------------
-    def colour_matrices(self, mean_rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def colour_matrices(self, mean_rgb: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample colour jitter as ``M @ rgb + offset``: brightness, contrast,
         saturation and hue composed in a random order per sample, as ColorJitter shuffles
         them. Contrast blends with the grey mean of the image as the earlier steps left it
-        (``mean_rgb``: each image's channel means before the jitter)."""
+        (``mean_rgb``: each image's channel means before the jitter). Also returns which
+        samples are jittered (the others get the identity)."""
         c, n, device = self.colour, len(mean_rgb), mean_rgb.device
+        constants = self.constants(device)
+        grey = constants["grey"]
         eye = torch.eye(3, device=device).expand(n, 3, 3)
         matrix, offset = eye.clone(), torch.zeros(n, 3, device=device)
-        grey = torch.tensor(GREY_WEIGHTS, device=device)
         bright = self._uniform(1 - c.brightness, 1 + c.brightness, (n,), device)
         contrast = self._uniform(1 - c.contrast, 1 + c.contrast, (n,), device)
         saturation = self._uniform(1 - c.saturation, 1 + c.saturation, (n,), device)
-        hue = self._uniform(-c.hue, c.hue, (n,), device) * 2 * math.pi
+        hue = self._uniform(-c.hue, c.hue, (n,), device) * (2 * math.pi)
         order = torch.rand(n, 4, generator=self.generator(device), device=device).argsort(1)
-        yiq = _RGB_TO_YIQ.to(device=device, dtype=torch.float32)
         cos, sin = torch.cos(hue), torch.sin(hue)
         turn = torch.zeros(n, 3, 3, device=device)
         turn[:, 0, 0] = 1
         turn[:, 1, 1], turn[:, 1, 2], turn[:, 2, 1], turn[:, 2, 2] = cos, -sin, sin, cos
-        hue_m = torch.linalg.inv(yiq) @ turn @ yiq
+        hue_m = torch.bmm(torch.bmm(constants["yiq_inverse"].expand(n, 3, 3), turn),
+                          constants["yiq"].expand(n, 3, 3))
         s = saturation[:, None, None]
-        sat_m = s * eye + (1 - s) * grey.expand(3, 3)
+        sat_m = s * eye + (1 - s) * constants["grey_rows"]
         rows = torch.arange(n, device=device)
         for step in range(4):
-            mean_grey = ((matrix @ mean_rgb[:, :, None])[:, :, 0] + offset) @ grey
+            mean_grey = (((matrix @ mean_rgb[:, :, None])[:, :, 0] + offset) * grey).sum(1)
             steps = (  # (matrix, offset) after each possible next step
                 (bright[:, None, None] * matrix, bright[:, None] * offset),
                 (contrast[:, None, None] * matrix,
@@ -292,7 +360,7 @@ class BatchAugment:
         applied = self._chance(c.jitter_p, n, device)
         matrix = torch.where(applied[:, None, None], matrix, eye)
         offset = torch.where(applied[:, None], offset, torch.zeros_like(offset))
-        return matrix, offset
+        return applied, matrix, offset
 
     def blur_kernels(self, n: int, device: torch.device) -> torch.Tensor:
         """(n, 5, 5) kernels: half Gaussian (3 or 5 wide, sigma 0.5-3), half motion (a
@@ -313,116 +381,102 @@ class BatchAugment:
         kernels = torch.where(self._chance(0.5, n, device)[:, None, None], gaussian, motion)
         return kernels / kernels.sum(dim=(1, 2), keepdim=True)
 
-    def sample_photometric(self, mean_rgb: torch.Tensor, shape: tuple[int, int, int]
-                           ) -> Photometric | None:
-        """Every random choice of the photometric steps for a batch whose images (of
-        ``shape`` (3, H, W)) have channel means ``mean_rgb``; None for ``none``."""
+    def sample_photometric(self, mean_rgb: torch.Tensor) -> Photometric | None:
+        """Every random choice of the photometric steps but the noise itself, for a batch
+        whose images have channel means ``mean_rgb``; None for ``none``."""
         c, n, device = self.colour, len(mean_rgb), mean_rgb.device
         if c is None:
             return None
-        matrix, offset = self.colour_matrices(mean_rgb)
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        picked = {}
-        for name, p in (("blur", c.blur_p), ("noise", c.noise_p), ("grey", c.gray_p),
-                        ("invert", c.invert_p)):
-            picked[name] = self._chance(p, n, device).nonzero()[:, 0] if p else empty
-            if name == "blur":
-                kernels = self.blur_kernels(len(picked[name]), device)
-            elif name == "noise":
-                k = len(picked[name])
-                std = self._uniform(*c.noise_std, (k, 1, 1, 1), device) * 255
-                noise = torch.randn((k, *shape), generator=self.generator(device),
-                                    device=device) * std
-        return Photometric(matrix, offset, picked["blur"], kernels, picked["noise"], noise,
-                           picked["grey"], picked["invert"])
+        jitter, matrix, offset = self.colour_matrices(mean_rgb)
+        blur = self._chance(c.blur_p, n, device)
+        kernels = self.blur_kernels(n, device)
+        noise = self._chance(c.noise_p, n, device)
+        noise_std = self._uniform(*c.noise_std, (n,), device) * 255
+        grey = self._chance(c.gray_p, n, device)
+        invert = self._chance(c.invert_p, n, device)
+        return Photometric(jitter, matrix, offset, blur, kernels, noise, noise_std, grey, invert)
 
-    @staticmethod
-    def colour_batch(images: torch.Tensor, p: Photometric) -> torch.Tensor:
+    def colour_batch(self, images: torch.Tensor, p: Photometric) -> torch.Tensor:
         """The photometric steps on float images in [0, 255], batched: the jitter as one
-        batched matrix product, the rest on the samples each step picked."""
-        n, shape = len(images), images.shape
+        batched matrix product; blur, noise, grey and inversion computed for the whole
+        batch and kept where a sample's mask says (cheap on an accelerator, and no
+        data-dependent shapes)."""
+        c, n, shape = self.colour, len(images), images.shape
         images = torch.baddbmm(p.offset[:, :, None], p.matrix, images.reshape(n, 3, -1))
         images = images.clamp_(0, 255).reshape(shape)
-        if len(p.blur):
-            subset = images[p.blur]
-            k, channels, height, width = subset.shape
+        if c.blur_p:
             pad = BLUR_SIZE // 2
-            flat = F.pad(subset.reshape(1, k * channels, height, width), (pad,) * 4,
+            flat = F.pad(images.reshape(1, n * 3, *shape[2:]), (pad,) * 4,
                          mode="reflect")  # torch's reflect is cv2's BORDER_REFLECT_101
-            kernels = p.kernels.repeat_interleave(channels, 0)[:, None]
-            images[p.blur] = F.conv2d(flat, kernels, groups=k * channels).reshape(subset.shape)
-        if len(p.noise):
-            images[p.noise] = (images[p.noise] + p.noise_values).clamp_(0, 255)
-        if len(p.grey):
-            grey = torch.tensor(GREY_WEIGHTS, device=images.device).view(1, 3, 1, 1)
-            images[p.grey] = (images[p.grey] * grey).sum(1, keepdim=True).expand(-1, 3, -1, -1)
-        if len(p.invert):
-            images[p.invert] = 255 - images[p.invert]
+            kernels = p.kernels.repeat_interleave(3, 0)[:, None]
+            blurred = F.conv2d(flat, kernels, groups=n * 3).reshape(shape)
+            images = torch.where(p.blur[:, None, None, None], blurred, images)
+        if c.noise_p:
+            noise = torch.randn(shape, generator=self.generator(images.device),
+                                device=images.device)
+            scale = (p.noise_std * p.noise)[:, None, None, None]
+            images = images.addcmul_(noise, scale).clamp_(0, 255)
+        if c.gray_p:
+            grey = (images * self.constants(images.device)["grey"].view(1, 3, 1, 1)).sum(
+                1, keepdim=True)
+            images = torch.where(p.grey[:, None, None, None], grey.expand(shape), images)
+        if c.invert_p:
+            images = torch.where(p.invert[:, None, None, None], 255 - images, images)
         return images
 
-    @staticmethod
-    def colour_each(images: np.ndarray, p: Photometric) -> None:
+    def colour_each(self, images: np.ndarray, p: Photometric) -> None:
         """The same steps with OpenCV, image by image, in place on uint8 (B, H, W, 3)."""
         jitter = torch.cat([p.matrix, p.offset[:, :, None]], 2).numpy()
-        changed = (p.matrix != torch.eye(3)).flatten(1).any(1) | (p.offset != 0).any(1)
-        for i in changed.nonzero()[:, 0].tolist():
+        for i in p.jitter.nonzero()[:, 0].tolist():
             cv2.transform(images[i], jitter[i], dst=images[i])
-        for i, kernel in zip(p.blur.tolist(), p.kernels.numpy()):
-            cv2.filter2D(images[i], -1, kernel, dst=images[i], borderType=cv2.BORDER_REFLECT_101)
-        if len(p.noise):
-            noisy = images[p.noise.numpy()] + p.noise_values.permute(0, 2, 3, 1).numpy()
-            images[p.noise.numpy()] = np.clip(np.rint(noisy), 0, 255)
+        kernels = p.kernels.numpy()
+        for i in p.blur.nonzero()[:, 0].tolist():
+            cv2.filter2D(images[i], -1, kernels[i], dst=images[i],
+                         borderType=cv2.BORDER_REFLECT_101)
+        chosen = p.noise.nonzero()[:, 0]
+        if len(chosen):
+            noise = torch.randn((len(chosen), *images.shape[1:]),
+                                generator=self.generator(p.noise.device))
+            noise *= p.noise_std[chosen][:, None, None, None]
+            rows = chosen.numpy()
+            images[rows] = np.clip(np.rint(images[rows] + noise.numpy()), 0, 255)
         grey = np.array([GREY_WEIGHTS] * 3, dtype=np.float32)
-        for i in p.grey.tolist():
+        for i in p.grey.nonzero()[:, 0].tolist():
             cv2.transform(images[i], grey, dst=images[i])
-        for i in p.invert.tolist():
+        for i in p.invert.nonzero()[:, 0].tolist():
             cv2.bitwise_not(images[i], dst=images[i])
 
     # -- the whole preset -----------------------------------------------------------------
-    def use_opencv(self, images: torch.Tensor) -> bool:
-        return self.backend == "opencv" or (self.backend == "auto"
-                                            and images.device.type == "cpu")
-
     def __call__(self, images: torch.Tensor, boxes: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.dtype != torch.uint8 or images.ndim != 4:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 (B, 3, H, W) images, got {images.dtype} "
                              f"{tuple(images.shape)}")
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+            if self.use_opencv(images):
+                return self._augment_opencv(images, boxes)
             boxes = boxes.to(images.device, torch.float32)
             forward = self.geometry(boxes)
-            shape = (images.shape[1], *self.image_size)
-            if self.use_opencv(images):
-                out = self._warp_each(images, forward)
-                means = torch.tensor([cv2.mean(image)[:3] for image in out],
-                                     dtype=torch.float32).reshape(-1, 3)
-                colour = self.sample_photometric(means, shape)
-                if colour is not None:
-                    self.colour_each(out, colour)
-                out = torch.from_numpy(out).permute(0, 3, 1, 2).to(images.device)
-            else:
-                out = self.warp(to_float(images), forward)
-                colour = self.sample_photometric(out.mean(dim=(2, 3)), shape)
-                if colour is not None:
-                    out = self.colour_batch(out, colour)
-                out = out.round_().clamp_(0, 255).to(torch.uint8)
-            return out, self.move_boxes(boxes, forward)
+            out = self.warp(to_float(images), forward)
+            colour = self.sample_photometric(out.mean(dim=(2, 3)))
+            if colour is not None:
+                out = self.colour_batch(out, colour)
+            return out.round_().clamp_(0, 255).to(torch.uint8), self.move_boxes(boxes, forward)
 
-    def _warp_each(self, images: torch.Tensor, forward: torch.Tensor) -> np.ndarray:
-        """The warp with OpenCV, image by image: uint8 (B, H, W, 3) at ``image_size``."""
-        height, width = self.image_size
-        source_h, source_w = images.shape[-2:]
-        # cv2 maps pixel centres: unit u = (x + 0.5) / size on both sides.
-        from_pixels = torch.tensor([[1 / source_w, 0, 0.5 / source_w],
-                                    [0, 1 / source_h, 0.5 / source_h], [0, 0, 1]])
-        to_pixels = torch.tensor([[width, 0, -0.5], [0, height, -0.5], [0, 0, 1.0]])
-        matrices = (to_pixels @ forward.cpu() @ from_pixels)[:, :2].double().numpy()
-        source = images.cpu().permute(0, 2, 3, 1).numpy()
-        out = np.empty((len(images), height, width, images.shape[1]), dtype=np.uint8)
-        for i in range(len(images)):
-            cv2.warpAffine(np.ascontiguousarray(source[i]), matrices[i], (width, height),
-                           dst=out[i], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        return out
+    def _augment_opencv(self, images: torch.Tensor, boxes: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameters drawn on the CPU as the torch backend draws them, pixels by OpenCV."""
+        boxes = boxes.to("cpu", torch.float32)
+        forward = self.geometry(boxes)
+        out = self._warp_each(images, forward)
+        means = torch.tensor([cv2.mean(image)[:3] for image in out],
+                             dtype=torch.float32).reshape(-1, 3)
+        colour = self.sample_photometric(means)
+        if colour is not None:
+            self.colour_each(out, colour)
+        moved = self.move_boxes(boxes, forward)
+        out = torch.from_numpy(out).permute(0, 3, 1, 2)
+        return out.to(images.device), moved.to(images.device)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(preset={self.preset!r}, image_size={self.image_size}, "

@@ -42,7 +42,9 @@ dependency for what is here one matrix product per sample and one resampling per
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -108,6 +110,23 @@ def invert_affine(matrices: torch.Tensor) -> torch.Tensor:
     out[:, :2, 2] = -(linear @ matrices[:, :2, 2:])[:, :, 0]
     out[:, 2, 2] = 1
     return out
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one intra-op thread for a stretch of small ops (restored after). The OpenCV
+    backend's torch work is a few hundred ops on (B, <=5, <=5) tensors: one thread is never
+    slower for them, while a second one, after the model's parallel ops, spin-waits and on a
+    CPU shared with other processes made the whole batch 2-3x slower (measured)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -454,7 +473,8 @@ class BatchAugment:
                              f"{tuple(images.shape)}")
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
             if self.use_opencv(images):
-                return self._augment_opencv(images, boxes)
+                with one_torch_thread():
+                    return self._augment_opencv(images, boxes)
             boxes = boxes.to(images.device, torch.float32)
             forward = self.geometry(boxes)
             out = self.warp(to_float(images), forward)

@@ -556,10 +556,11 @@ def format_table(report: dict) -> str:
     if "stages" in report:
         lines += [*format_stages(report), ""]
     compiled = any("model_alone_eager" in r for r in report["backbones"].values())
-    lines.append(
-        f"{'backbone':<14}{'model alone':>13}"
-        + (f"{'eager':>10}" if compiled else "")
-        + f"{'e2e cpu aug':>13}{'e2e dev aug':>13}{'predict':>11}{'tutorial pred.':>16}")
+    if report["backbones"]:
+        lines.append(
+            f"{'backbone':<14}{'model alone':>13}"
+            + (f"{'eager':>10}" if compiled else "")
+            + f"{'e2e cpu aug':>13}{'e2e dev aug':>13}{'predict':>11}{'tutorial pred.':>16}")
     for backbone, results in report["backbones"].items():
         device_e2e = results.get("end_to_end_device_augment")
         lines.append(
@@ -677,7 +678,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
     parser.add_argument("--synthetic_dir", default=defaults.synthetic_dir)
     parser.add_argument("--synthetic_train", type=int, default=defaults.synthetic_train)
     parser.add_argument("--synthetic_test", type=int, default=defaults.synthetic_test)
-    parser.add_argument("--backbones", nargs="+", default=defaults.backbones)
+    parser.add_argument("--backbones", nargs="*", default=defaults.backbones,
+                        help="models to measure (none: the data rows and stages only)")
     parser.add_argument("--image_size", type=int, nargs=2, default=defaults.image_size,
                         metavar=("H", "W"))
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)

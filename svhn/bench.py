@@ -4,10 +4,16 @@ Measures images/s, each as the median of ``--repeats`` timed passes after one wa
 every pass capped at ``--max_batches`` batches:
 
 - cache build: the one-off decode of every PNG into the image cache (not paid per epoch);
-- pipeline: the train dataloader alone (cached uint8 -> ``baseline`` augmentations -> batch);
+- pipeline: the train dataloader alone (cached uint8 -> ``--augment`` preset per item with
+  albumentations -> batch), as ``augment_on: cpu`` trains;
+- stages, where the time goes: gather + collate only (the loader of ``augment_on: device``),
+  the preset batched on the device (``svhn.batch_augment``, batches already there), the
+  host-to-device copy (GPU only), and the worker-side work per CPU core (one process, one
+  thread: gather only vs gather + albumentations), which says how many cores feed a model;
 - model alone: forward + backward + optimizer step on a batch already on the device (the
-  upper bound for training);
-- end to end: a real ``lightning.Trainer.fit`` train epoch (no validation, no checkpoints);
+  upper bound for training); with ``--compile`` also in eager mode, to show the gain;
+- end to end: a real ``lightning.Trainer.fit`` train epoch (no validation, no checkpoints),
+  with the preset on the CPU (albumentations) and on the device (``augment_on`` cpu/device);
 - predict: ``svhn.inference``'s prediction path (the one ``svhn.predict`` uses: the data
   module's predict loader and ``Trainer.predict``), timed from the first batch to the last:
   no checkpoint loading or Trainer set-up;
@@ -27,6 +33,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -38,6 +45,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -49,6 +57,7 @@ from torchvision import transforms as T
 
 from svhn import inference
 from svhn.backbones import IMAGENET_MEAN, IMAGENET_STD
+from svhn.batch_augment import BatchAugment
 from svhn.data import SVHNDataModule, default_num_workers, list_split
 from svhn.images import DEFAULT_IMAGE_SIZE
 from svhn.inference import PRECISIONS
@@ -56,6 +65,7 @@ from svhn.labels import DEFAULT_MAX_LEN, NUM_CLASSES, encode_label
 from svhn.module import DigitSequenceModel
 from svhn.reader import DigitReader
 from svhn.synthetic import MARKER_NAME, generate_dataset
+from svhn.transforms import PRESETS
 
 TUTORIAL_BATCH_SIZE = 40
 TUTORIAL_RESIZE = DEFAULT_IMAGE_SIZE  # the tutorial's 64x128, the project's default too
@@ -64,11 +74,16 @@ AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 SYNTHETIC_VAL = 16  # validation never runs here: a token split only completes the layout
 # (name, numerator, denominator, target): numerator / denominator should reach the target.
 PIPELINE_RATIO = ("pipeline / tutorial pipeline", "pipeline", "tutorial_pipeline", 3.0)
+# Worker-side CPU work per image: gathering for device augmentation vs albumentations.
+PER_CORE_RATIO = ("per-core: gather / albumentations", "gather", "albumentations", 10.0)
 BACKBONE_RATIOS = (
     ("end-to-end / model alone", "end_to_end", "model_alone", 0.9),
+    ("e2e device aug / e2e cpu aug", "end_to_end_device_augment", "end_to_end", 1.0),
     ("predict / tutorial predict", "predict", "tutorial_predict", 2.0),
 )
-TARGETED_END_TO_END = ("resnet18",)  # the e2e target is set for the model worth feeding
+COMPILE_RATIO = ("compiled / eager model alone", "model_alone", "model_alone_eager", None)
+# The end-to-end targets are set for the model worth feeding.
+TARGETED_END_TO_END = ("resnet18",)
 
 
 @dataclass
@@ -91,6 +106,8 @@ class BenchConfig:
     channels_last: bool = False
     compile: bool = False
     threads: int | None = None
+    augment: str = "baseline"
+    cache_scale: float = 1.0
 
     @property
     def max_images(self) -> int:
@@ -111,9 +128,14 @@ def synchronize(device: torch.device) -> None:
 def median_rate(run_pass: Callable[[], int], repeats: int, device: torch.device) -> dict:
     """One warm-up pass, then the median images/s of ``repeats`` timed passes.
 
-    ``run_pass`` does one pass and returns how many images it handled.
+    ``run_pass`` does one pass and returns how many images it handled. ``warmup_s`` is the
+    warm-up pass's time (with ``torch.compile`` it holds the compilation).
     """
+    synchronize(device)
+    start = time.perf_counter()
     run_pass()
+    synchronize(device)
+    warmup = time.perf_counter() - start
     rates = []
     for _ in range(repeats):
         synchronize(device)
@@ -121,7 +143,8 @@ def median_rate(run_pass: Callable[[], int], repeats: int, device: torch.device)
         images = run_pass()
         synchronize(device)
         rates.append(images / (time.perf_counter() - start))
-    return {"images_per_s": statistics.median(rates), "runs": rates, "images": images}
+    return {"images_per_s": statistics.median(rates), "runs": rates, "images": images,
+            "warmup_s": warmup}
 
 
 def batch_images(batch: dict | Sequence) -> torch.Tensor:
@@ -161,11 +184,13 @@ def prepare_synthetic(out_dir: Path, n_train: int, n_test: int) -> Path:
     return generate_dataset(out_dir, n_train=n_train, n_val=SYNTHETIC_VAL, n_test=n_test, seed=0)
 
 
-def build_datamodule(cfg: BenchConfig, data_dir: Path, cache_dir: Path) -> SVHNDataModule:
+def build_datamodule(cfg: BenchConfig, data_dir: Path, cache_dir: Path,
+                     augment_on: str = "cpu", num_workers: int | None = None) -> SVHNDataModule:
     return SVHNDataModule(
         data_dir=str(data_dir), image_size=cfg.image_size, batch_size=cfg.batch_size,
-        num_workers=cfg.workers, augment="baseline", predict_on=cfg.split,
-        cache_dir=str(cache_dir),
+        num_workers=cfg.workers if num_workers is None else num_workers,
+        augment=cfg.augment, augment_on=augment_on, predict_on=cfg.split,
+        cache_dir=str(cache_dir), cache_scale=cfg.cache_scale,
     )
 
 
@@ -188,6 +213,64 @@ def measure_pipeline(datamodule: SVHNDataModule, cfg: BenchConfig, device: torch
     del loader
     gc.collect()  # ends its persistent workers so they do not linger through later runs
     return result
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch and OpenCV on one thread: what one loader worker (one core) does."""
+    torch_threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        cv2.setNumThreads(cv2_threads)
+
+
+def gathered_batches(datamodule: SVHNDataModule, cfg: BenchConfig) -> list[dict]:
+    """Up to ``max_batches`` batches of the gather-only loader (device augmentation's)."""
+    datamodule.setup("fit")
+    return list(capped_batches(datamodule.train_dataloader(), cfg.max_images))
+
+
+def measure_stages(cfg: BenchConfig, data_dir: Path, cache_dir: Path,
+                   device: torch.device) -> dict:
+    """Where the time goes, stage by stage (``pipeline`` is gather + albumentations)."""
+    stages: dict = {}
+    gather_dm = build_datamodule(cfg, data_dir, cache_dir, augment_on="device")
+    stages["gather"] = measure_pipeline(gather_dm, cfg, device)
+    # Worker-side work per core: one process, one thread, no loader workers.
+    with one_thread():
+        stages["per_core"] = {
+            "gather": measure_pipeline(
+                build_datamodule(cfg, data_dir, cache_dir, "device", num_workers=0), cfg,
+                device),
+            "albumentations": measure_pipeline(
+                build_datamodule(cfg, data_dir, cache_dir, "cpu", num_workers=0), cfg, device),
+        }
+    batches = gathered_batches(gather_dm, cfg)
+    if device.type == "cpu":
+        stages["host_to_device"] = None  # the model's memory: nothing is copied
+    else:
+        def copy() -> int:
+            for batch in batches:
+                batch["image"].to(device, non_blocking=True)
+                batch["box"].to(device, non_blocking=True)
+            return sum(len(b["image"]) for b in batches)
+        stages["host_to_device"] = median_rate(copy, cfg.repeats, device)
+    on_device = [(b["image"].to(device), b["box"].to(device)) for b in batches]
+    augment = BatchAugment(cfg.augment, cfg.image_size, seed=0)
+
+    def augment_pass() -> int:
+        for images, boxes in on_device:
+            augment(images, boxes)
+        return sum(len(images) for images, _ in on_device)
+
+    stages["device_augment"] = median_rate(augment_pass, cfg.repeats, device)
+    stages["device_augment"]["backend"] = "opencv" if augment.use_opencv(
+        on_device[0][0]) else "torch"
+    return stages
 
 
 class TutorialDataset(Dataset):
@@ -314,7 +397,8 @@ class EpochTimer(Callback):
 
 def measure_end_to_end(backbone: str, cfg: BenchConfig, datamodule: SVHNDataModule,
                        device: torch.device) -> dict:
-    """Train epochs of a real Trainer.fit; the first epoch is the warm-up."""
+    """Train epochs of a real Trainer.fit; the first epoch is the warm-up. The data module
+    decides where augmentation runs (``augment_on``)."""
     timer = EpochTimer(device)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
@@ -356,7 +440,7 @@ def measure_our_predict(reader: DigitReader, datamodule: SVHNDataModule, cfg: Be
         accelerator="gpu" if device.type == "cuda" else "cpu", precision=cfg.precision,
         callbacks=[timer], progress_bar=False, limit_batches=cfg.max_batches)
     for _ in range(cfg.repeats + 1):
-        inference.predict_with_reader(reader, datamodule, trainer)
+        inference.predict_with_reader(reader, datamodule, trainer, subset=True)
     runs = timer.rates[1:]
     return {"images_per_s": statistics.median(runs), "runs": runs}
 
@@ -388,13 +472,25 @@ def compute_ratios(report: dict) -> list[dict]:
     name, numerator, denominator, target = PIPELINE_RATIO
     ratios = [ratio_entry(name, None, report[numerator]["images_per_s"],
                           report[denominator]["images_per_s"], target)]
+    if "stages" in report:
+        per_core = report["stages"]["per_core"]
+        name, numerator, denominator, target = PER_CORE_RATIO
+        ratios.append(ratio_entry(name, None, per_core[numerator]["images_per_s"],
+                                  per_core[denominator]["images_per_s"], target))
     for backbone, results in report["backbones"].items():
-        for name, numerator, denominator, target in BACKBONE_RATIOS:
-            if numerator == "end_to_end" and backbone not in TARGETED_END_TO_END:
+        for name, numerator, denominator, target in (*BACKBONE_RATIOS, COMPILE_RATIO):
+            if numerator not in results or denominator not in results:
+                continue
+            if numerator.startswith("end_to_end") and backbone not in TARGETED_END_TO_END:
                 target = None
             ratios.append(ratio_entry(name, backbone, results[numerator]["images_per_s"],
                                       results[denominator]["images_per_s"], target))
     return ratios
+
+
+def cores_to_feed(model_rate: float, per_core_rate: float) -> int:
+    """CPU cores whose worker-side work keeps up with a model step rate."""
+    return max(1, math.ceil(model_rate / per_core_rate))
 
 
 def cpu_name() -> str:
@@ -413,6 +509,7 @@ def describe_environment(cfg: BenchConfig, device: torch.device, data_dir: Path,
         "device": device.type, "device_name": name, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "num_workers": cfg.workers,
         "torch": torch.__version__, "data_dir": str(data_dir), "synthetic_data": synthetic,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -420,44 +517,104 @@ def _fmt_rate(measurement: dict) -> str:
     return f"{measurement['images_per_s']:,.0f}"
 
 
+def _fmt_optional(measurement: dict | None, missing: str) -> str:
+    return missing if measurement is None else _fmt_rate(measurement)
+
+
+def format_stages(report: dict) -> list[str]:
+    """Where the time goes, and how many CPU cores a model's step rate needs."""
+    stages, preset = report["stages"], report["config"]["augment"]
+    per_core = stages["per_core"]
+    gather_core = per_core["gather"]["images_per_s"]
+    albu_core = per_core["albumentations"]["images_per_s"]
+    lines = [
+        f"{'stage (time per image, where the work runs)':<52}{'images/s':>12}",
+        f"{'CPU: gather + collate (device augmentation loader)':<52}"
+        f"{_fmt_rate(stages['gather']):>12}",
+        f"{'CPU: gather + albumentations ' + preset + ' per item':<52}"
+        f"{_fmt_rate(report['pipeline']):>12}",
+        f"{'device: ' + preset + ' batched, ' + stages['device_augment']['backend']:<52}"
+        f"{_fmt_rate(stages['device_augment']):>12}",
+        f"{'host-to-device copy':<52}"
+        f"{_fmt_optional(stages['host_to_device'], 'no copy (cpu)'):>12}",
+        f"{'device: model step':<52}{'model alone, below':>12}",
+        "",
+        f"pipeline capacity per CPU core (1 process, 1 thread): {gather_core:,.0f} images/s "
+        f"gathering for device augmentation, {albu_core:,.0f} with albumentations {preset} "
+        f"({gather_core / albu_core:.1f}x)",
+    ]
+    for backbone, results in report["backbones"].items():
+        rate = results["model_alone"]["images_per_s"]
+        device = report["environment"]["device"]
+        lines.append(
+            f"cores to feed {backbone} alone ({rate:,.0f} images/s on {device}): "
+            f"{cores_to_feed(rate, albu_core)} with albumentations, "
+            f"{cores_to_feed(rate, gather_core)} with device augmentation")
+    return lines
+
+
 def format_table(report: dict) -> str:
     """The human-readable report."""
     env, cfg = report["environment"], report["config"]
     cache = report["cache_build"]
+    load = env.get("load_average")
     lines = [
         f"SVHN speed benchmark on {env['data_dir']}"
         f"{' (synthetic)' if env['synthetic_data'] else ''}",
         f"device: {env['device']} ({env['device_name']}), cpus: {env['cpu_count']}, "
-        f"torch threads: {env['torch_threads']}, num_workers: {env['num_workers']}",
-        f"image size: {cfg['image_size'][0]}x{cfg['image_size'][1]}, batch: "
-        f"{cfg['batch_size']}, precision: {cfg['precision']}, channels_last: "
-        f"{cfg['channels_last']}, compile: {cfg['compile']}",
+        f"torch threads: {env['torch_threads']}, num_workers: {env['num_workers']}"
+        + (f", load average at start: {load[0]:.1f}" if load else ""),
+        f"image size: {cfg['image_size'][0]}x{cfg['image_size'][1]}, cache scale: "
+        f"{cfg['cache_scale']:g}, batch: {cfg['batch_size']}, augment: {cfg['augment']}, "
+        f"precision: {cfg['precision']}, channels_last: {cfg['channels_last']}, "
+        f"compile: {cfg['compile']}",
         f"median of {cfg['repeats']} runs after a warm-up, each capped at "
         f"{cfg['max_batches']} batches; images/s",
         "",
         f"{'data (no model)':<44}{'images/s':>12}",
         f"{'cache build, one-off (decode every PNG once)':<44}{_fmt_rate(cache):>12}"
         f"   {cache['images']} images in {cache['seconds']:.1f} s",
-        f"{'pipeline: train loader, baseline augment':<44}{_fmt_rate(report['pipeline']):>12}",
+        f"{'pipeline: train loader, ' + cfg['augment'] + ' augment':<44}"
+        f"{_fmt_rate(report['pipeline']):>12}",
         f"{'tutorial pipeline: PIL + torchvision':<44}"
         f"{_fmt_rate(report['tutorial_pipeline']):>12}",
         "",
-        f"{'backbone':<14}{'model alone':>13}{'end-to-end':>13}{'predict':>13}"
-        f"{'tutorial pred.':>16}",
     ]
+    if "stages" in report:
+        lines += [*format_stages(report), ""]
+    compiled = any("model_alone_eager" in r for r in report["backbones"].values())
+    if report["backbones"]:
+        lines.append(
+            f"{'backbone':<14}{'model alone':>13}"
+            + (f"{'eager':>10}" if compiled else "")
+            + f"{'e2e cpu aug':>13}{'e2e dev aug':>13}{'predict':>11}{'tutorial pred.':>16}")
     for backbone, results in report["backbones"].items():
+        device_e2e = results.get("end_to_end_device_augment")
         lines.append(
             f"{backbone:<14}{_fmt_rate(results['model_alone']):>13}"
-            f"{_fmt_rate(results['end_to_end']):>13}{_fmt_rate(results['predict']):>13}"
+            + (f"{_fmt_optional(results.get('model_alone_eager'), '-'):>10}" if compiled
+               else "")
+            + f"{_fmt_rate(results['end_to_end']):>13}"
+            f"{_fmt_optional(device_e2e, '-'):>13}{_fmt_rate(results['predict']):>11}"
             f"{_fmt_rate(results['tutorial_predict']):>16}")
-    lines += ["", f"{'ratio':<30}{'backbone':<14}{'value':>7}{'target':>9}  result"]
+        if "model_alone_eager" in results:
+            compiled_run = results["model_alone"]
+            steady = compiled_run["images"] / compiled_run["images_per_s"]
+            lines.append(f"{'':<14}torch.compile warm-up: {compiled_run['warmup_s']:.1f} s "
+                         f"(a steady pass: {steady:.1f} s)")
+    lines += ["", f"{'ratio':<36}{'backbone':<14}{'value':>7}{'target':>9}  result"]
     for ratio in report["ratios"]:
         target = f">= {ratio['target']:g}" if ratio["target"] is not None else "-"
         result = {True: "PASS", False: "FAIL", None: "-"}[ratio["pass"]]
-        lines.append(f"{ratio['name']:<30}{ratio['backbone'] or '-':<14}"
+        lines.append(f"{ratio['name']:<36}{ratio['backbone'] or '-':<14}"
                      f"{ratio['value']:>7.2f}{target:>9}  {result}")
     lines += ["", "tutorial pred.: the tutorial's loop (PIL + torchvision per item, batch 40) "
-                  "and model settings (float32, channels-first, eager), same weights"]
+                  "and model settings (float32, channels-first, eager), same weights",
+              "e2e cpu aug / dev aug: Trainer.fit epochs with augment_on cpu (albumentations "
+              "in the loader) / device (svhn.batch_augment after the copy)"]
+    if compiled:
+        lines.append("model alone with --compile: the backbone through torch.compile (what "
+                     "--model.compile does); eager: the same step without it")
     return "\n".join(lines)
 
 
@@ -483,11 +640,19 @@ def progress(message: str) -> None:
 
 
 def benchmark_backbone(backbone: str, cfg: BenchConfig, datamodule: SVHNDataModule,
-                       data_dir: Path, device: torch.device) -> dict:
-    progress(f"{backbone}: model alone")
+                       data_dir: Path, device: torch.device,
+                       device_datamodule: SVHNDataModule | None = None) -> dict:
+    progress(f"{backbone}: model alone" + (" (compiled, then eager)" if cfg.compile else ""))
     results = {"model_alone": measure_model_alone(backbone, cfg, device)}
-    progress(f"{backbone}: end-to-end Trainer.fit")
+    if cfg.compile:
+        results["model_alone_eager"] = measure_model_alone(
+            backbone, replace(cfg, compile=False), device)
+    progress(f"{backbone}: end-to-end Trainer.fit, augmentation on the CPU")
     results["end_to_end"] = measure_end_to_end(backbone, cfg, datamodule, device)
+    if device_datamodule is not None:
+        progress(f"{backbone}: end-to-end Trainer.fit, augmentation on the device")
+        results["end_to_end_device_augment"] = measure_end_to_end(
+            backbone, cfg, device_datamodule, device)
     progress(f"{backbone}: predict and tutorial predict")
     results.update(measure_predictions(backbone, cfg, datamodule, data_dir, device))
     return results
@@ -520,8 +685,12 @@ def _run_measurements(cfg: BenchConfig) -> dict:
         report["tutorial_pipeline"] = median_rate(
             loader_pass(tutorial_loader(data_dir, "train", True, cfg.workers), cfg.max_images),
             cfg.repeats, device)
-        report["backbones"] = {b: benchmark_backbone(b, cfg, datamodule, data_dir, device)
-                               for b in cfg.backbones}
+        progress("stages: gather, per-core work, device augmentation, copy")
+        report["stages"] = measure_stages(cfg, data_dir, Path(cache_dir), device)
+        device_datamodule = build_datamodule(cfg, data_dir, Path(cache_dir), "device")
+        report["backbones"] = {
+            b: benchmark_backbone(b, cfg, datamodule, data_dir, device, device_datamodule)
+            for b in cfg.backbones}
     report["ratios"] = compute_ratios(report)
     return report
 
@@ -536,7 +705,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
     parser.add_argument("--synthetic_dir", default=defaults.synthetic_dir)
     parser.add_argument("--synthetic_train", type=int, default=defaults.synthetic_train)
     parser.add_argument("--synthetic_test", type=int, default=defaults.synthetic_test)
-    parser.add_argument("--backbones", nargs="+", default=defaults.backbones)
+    parser.add_argument("--backbones", nargs="*", default=defaults.backbones,
+                        help="models to measure (none: the data rows and stages only)")
     parser.add_argument("--image_size", type=int, nargs=2, default=defaults.image_size,
                         metavar=("H", "W"))
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
@@ -550,7 +720,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=defaults.device)
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
     parser.add_argument("--channels_last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the backbone (as --model.compile); model alone is then "
+                             "also measured eager")
+    parser.add_argument("--augment", choices=PRESETS, default=defaults.augment,
+                        help="training preset for the pipeline, stage and end-to-end rows")
+    parser.add_argument("--cache_scale", type=float, default=defaults.cache_scale,
+                        help="cache images at this multiple of image_size (as --data.cache_scale)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--json", action="store_true",

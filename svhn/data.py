@@ -2,7 +2,9 @@
 
 Layout under one root: ``mchar_train/`` + ``mchar_train.json``, ``mchar_val/`` +
 ``mchar_val.json``, ``mchar_test_a/`` (no labels). Images are decoded once into a cache (see
-``svhn.images``); training augments the small cached uint8 arrays.
+``svhn.images``); training augments the small cached uint8 arrays, either per item on the
+CPU (albumentations, ``svhn.transforms``) or per batch on the model's device
+(``svhn.batch_augment``), where the loader only gathers cached images and boxes.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
+from svhn.batch_augment import BatchAugment, derive_seed
 from svhn.images import DEFAULT_IMAGE_SIZE, ImageCache, default_cache_dir
 from svhn.labels import (
     DEFAULT_MAX_LEN,
@@ -38,6 +41,10 @@ SPLITS = {
 DEFAULT_DATA_DIR = Path("data/mchar")  # where an unset data_dir looks (the README's place)
 SYNTHETIC_DIR = Path("data/synthetic")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+AUGMENT_ON = ("auto", "cpu", "device")
+# What ``augment_on: auto`` picks on a CPU-only run (on an accelerator it is always
+# "device"): see the README's Performance section for the measurement behind it.
+AUTO_ON_CPU = "device"
 DATA_HELP = (
     "Download the competition files (mchar_train.zip, mchar_train.json, mchar_val.zip, "
     "mchar_val.json, mchar_test_a.zip) and unpack them there; see data/README.md."
@@ -163,19 +170,26 @@ class DigitImageDataset(Dataset):
     Each item is a dict: ``image`` (3, H, W) uint8 tensor, ``target`` (max_len,) long,
     ``length`` (number of digits, 0 when unlabelled), ``box`` (4,) union box of the digits
     normalised to the image (zeros when unlabelled) and ``file_name``.
+
+    ``gather_only``: no transform at all; items are the cached images at cache size with
+    their boxes unmoved (``BatchAugment`` augments the batch on the model's device), and
+    ``__getitems__`` gathers a whole batch with one read of the cache, already collated.
     """
 
     def __init__(
         self, files: SplitFiles, cache: ImageCache, preset: str, image_size: tuple[int, int],
-        max_len: int = DEFAULT_MAX_LEN, box_targets: bool = False,
+        max_len: int = DEFAULT_MAX_LEN, box_targets: bool = False, gather_only: bool = False,
     ):
         self.files = files
         self.cache = cache
         self.max_len = max_len
+        self.gather_only = gather_only
         # A normalised box only moves under geometric augmentation; resizing keeps it.
-        self.track_box = needs_box(preset) or (box_targets and preset != "none")
+        self.track_box = not gather_only and (
+            needs_box(preset) or (box_targets and preset != "none"))
         self.zoom_crops = preset == "zoom"
-        self.transform = build_transform(preset, image_size, with_box=self.track_box)
+        self.transform = None if gather_only else build_transform(
+            preset, image_size, with_box=self.track_box)
         self.names = [p.name for p in files.image_paths]
         position = {p.name: i for i, p in enumerate(cache.paths)}
         self.cache_index = np.array([position[name] for name in self.names], dtype=np.int64)
@@ -194,6 +208,8 @@ class DigitImageDataset(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int) -> dict:
+        if self.gather_only:
+            return {key: value[0] for key, value in self.__getitems__([index]).items()}
         # A copy: the memory map is read-only, and tensors must own writable memory.
         image = np.array(self.cache.array[self.cache_index[index]])
         if self.track_box:
@@ -209,6 +225,23 @@ class DigitImageDataset(Dataset):
             "length": self.lengths[index],
             "box": torch.as_tensor(np.asarray(box, dtype=np.float32)),
             "file_name": self.names[index],
+        }
+
+    def __getitems__(self, indices: Sequence[int]) -> dict | list[dict]:
+        """A batch (the DataLoader calls this with each batch's indices): collated in one
+        gather with ``gather_only``, else the items one by one for ``collate_batch``."""
+        if not self.gather_only:
+            return [self[int(i)] for i in indices]
+        indices = np.asarray(indices, dtype=np.int64)
+        # One fancy-indexed read of the memory map: (B, H, W, 3) uint8, then a channels-last
+        # (B, 3, H, W) view of it (no copy; convolutions and the warp take it as it is).
+        images = torch.from_numpy(self.cache.array[self.cache_index[indices]])
+        return {
+            "image": images.permute(0, 3, 1, 2),
+            "target": self.targets[indices],
+            "length": self.lengths[indices],
+            "box": torch.from_numpy(self.boxes[indices]),
+            "file_name": [self.names[i] for i in indices],
         }
 
 
@@ -235,6 +268,41 @@ def fallback_notice(synthetic_size: int) -> str:
     ])
 
 
+def collate_batch(items: dict | list[dict]) -> dict:
+    """The loader's collate: a batch gathered whole (``__getitems__``) is already one."""
+    return items if isinstance(items, dict) else default_collate(items)
+
+
+class TrainingSet(ConcatDataset):
+    """The training splits as one dataset whose batches are gathered part by part."""
+
+    def __getitems__(self, indices: Sequence[int]) -> dict | list[dict]:
+        indices = np.asarray(indices, dtype=np.int64)
+        part_of = np.searchsorted(self.cumulative_sizes, indices, side="right")
+        starts = np.array([0, *self.cumulative_sizes[:-1]], dtype=np.int64)
+        order, pieces = [], []
+        for part in np.unique(part_of):
+            chosen = np.flatnonzero(part_of == part)
+            order.append(chosen)
+            pieces.append(self.datasets[part].__getitems__(indices[chosen] - starts[part]))
+        if len(pieces) == 1:
+            return pieces[0]
+        back = np.argsort(np.concatenate(order))  # positions in the batch's own order
+        if isinstance(pieces[0], list):
+            flat = [item for piece in pieces for item in piece]
+            return [flat[i] for i in back]
+        batch = {}
+        for key in pieces[0]:
+            if key == "file_name":
+                names = [name for piece in pieces for name in piece[key]]
+                batch[key] = [names[i] for i in back]
+            else:
+                batch[key] = torch.cat([piece[key] for piece in pieces])[torch.from_numpy(back)]
+        return batch
+
+
+
+
 def framed(lines: Sequence[str]) -> str:
     """Lines between two rules of ``=``, so a message stands out among the training logs
     (no right border: a long command stays copyable)."""
@@ -249,7 +317,8 @@ def _seed_worker_augmentations(worker_id: int) -> None:
     datasets = info.dataset.datasets if isinstance(info.dataset, ConcatDataset) else [
         info.dataset]
     for ds in datasets:
-        ds.transform.set_random_seed(seed)
+        if ds.transform is not None:  # gather-only datasets have nothing random
+            ds.transform.set_random_seed(seed)
 
 
 def default_num_workers() -> int:
@@ -271,6 +340,14 @@ class SVHNDataModule(L.LightningDataModule):
         num_workers: dataloader workers; None picks 0 on <= 2 cpus, else min(8, cpus - 1).
         max_len: positions per target; longer labels are left out with a warning.
         augment: training preset: none, baseline, strong or zoom.
+        augment_on: where the training preset runs: ``cpu`` (albumentations per item in the
+            loader), ``device`` (``svhn.batch_augment`` on whole batches where the model runs,
+            after the copy to it; the loader only gathers cached images) or ``auto``: device
+            on an accelerator, and on a CPU-only run whichever the README measured faster
+            there (``AUTO_ON_CPU``). Device augmentation draws its random parameters from a
+            generator seeded by the global seed, the rank and the epoch: a seeded run repeats,
+            DDP ranks differ, and a resumed run augments its later epochs as an unbroken run
+            does. Evaluation is never augmented, so both choices validate alike.
         train_on: splits to train on; ("train", "val") for a final submission.
         val_on: split for validation (checkpoint choice) and test.
         predict_on: split to predict.
@@ -301,6 +378,7 @@ class SVHNDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         max_len: int = DEFAULT_MAX_LEN,
         augment: str = "baseline",
+        augment_on: str = "auto",
         train_on: tuple[str, ...] = ("train",),
         val_on: str = "val",
         predict_on: str = "test_a",
@@ -316,6 +394,8 @@ class SVHNDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {AUGMENT_ON}, not {augment_on!r}.")
         self.uses_synthetic_fallback = (data_dir is None and synthetic_fallback
                                         and holds_nothing_of_the_competition(DEFAULT_DATA_DIR))
         if self.uses_synthetic_fallback:
@@ -331,6 +411,8 @@ class SVHNDataModule(L.LightningDataModule):
         self.datasets: dict[str, DigitImageDataset] = {}
         self._listed_files: dict[str, SplitFiles] = {}  # labels read and checked
         self._checked_files: dict[str, SplitFiles] = {}  # ... and boxes against images
+        self.batch_augment: BatchAugment | None = None  # set by setup("fit") when on device
+        self._augment_epoch: int | None = None
         self.extra_train_dirs = [Path(d) for d in extra_train]
         if synthetic_extra > 0:
             self.extra_train_dirs.append(Path(f"data/synthetic_extra_{synthetic_extra}"))
@@ -431,15 +513,16 @@ class SVHNDataModule(L.LightningDataModule):
                           folder / f"{split}_{height}x{width}.npy")
 
     def dataset(self, split: str, preset: str = "none", labelled: bool = True,
-                root: Path | None = None) -> DigitImageDataset:
+                root: Path | None = None, gather_only: bool = False) -> DigitImageDataset:
         """One split as a dataset with the given augmentation preset (cached per pair).
 
         ``labelled=False`` keeps every image of the split, labels or not: prediction must
         write a row for each image, also those whose label is longer than max_len.
         ``root`` reads the split from another folder in the competition layout.
+        ``gather_only``: cached images as they are, for augmentation on the device.
         """
         root = root or self.data_dir
-        key = f"{root}:{split}:{preset}:{labelled}"
+        key = f"{root}:{split}:{preset}:{labelled}:{gather_only}"
         if key not in self.datasets:
             if labelled and SPLITS[split][1] is not None:
                 files = self._labelled_files(split, root)
@@ -449,15 +532,52 @@ class SVHNDataModule(L.LightningDataModule):
             size = self.image_size if preset != "none" else self.eval_size
             self.datasets[key] = DigitImageDataset(files, cache, preset, size,
                                                    self.hparams.max_len,
-                                                   self.hparams.box_targets)
+                                                   self.hparams.box_targets, gather_only)
         return self.datasets[key]
+
+    # -- where augmentation runs ---------------------------------------------------------
+    def _device_type(self) -> str:
+        """The type of the device the model trains on (before a Trainer: what it would pick)."""
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def augments_on_device(self) -> bool:
+        """Whether training batches are augmented on the model's device (``augment_on``)."""
+        choice = self.hparams.augment_on
+        if choice == "auto":
+            choice = "device" if self._device_type() != "cpu" else AUTO_ON_CPU
+        return choice == "device"
+
+    def _augment_seed(self) -> int:
+        """The global seed (``seed_everything``), this process's rank and the epoch."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        epoch = trainer.current_epoch if trainer is not None else 0
+        return derive_seed(seed, rank, epoch)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Augment training batches on their device (``augment_on: device``)."""
+        trainer = self.trainer
+        if self.batch_augment is None or trainer is None or not trainer.training:
+            return batch
+        if self._augment_epoch != trainer.current_epoch:
+            self._augment_epoch = trainer.current_epoch
+            self.batch_augment.reseed(self._augment_seed())
+        batch["image"], batch["box"] = self.batch_augment(batch["image"], batch["box"])
+        return batch
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None):
             preset = self.hparams.augment
-            self.train_set = ConcatDataset(
-                [self.dataset(s, preset) for s in self.hparams.train_on]
-                + [self.dataset("train", preset, root=root) for root in self.extra_train_dirs])
+            on_device = self.augments_on_device()
+            self.batch_augment = BatchAugment(preset, self.image_size, self._augment_seed()
+                                              ) if on_device else None
+            self.train_set = TrainingSet(
+                [self.dataset(s, preset, gather_only=on_device) for s in self.hparams.train_on]
+                + [self.dataset("train", preset, root=root, gather_only=on_device)
+                   for root in self.extra_train_dirs])
         if stage in ("fit", "validate", "test", None):
             self.val_set = self.dataset(self.hparams.val_on)
         if stage in ("predict", None):
@@ -476,6 +596,7 @@ class SVHNDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=_seed_worker_augmentations if workers > 0 else None,
+            collate_fn=collate_batch,
             drop_last=False,
         )
 

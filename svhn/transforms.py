@@ -22,6 +22,7 @@ Presets:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import albumentations as A
 import cv2
@@ -32,45 +33,95 @@ TUTORIAL_ZOOM = 16 / 15  # a 60x120 crop of 64x128 shown at 64x128
 TUTORIAL_SHIFT = 1 / 32  # the crop's offset: up to 2 of 64 pixels each way
 ZOOM_CROP_MARGIN = 0.15  # tight zoom crops: the box grown by 15 % of its size per side...
 ZOOM_CROP_JITTER = 0.1  # ...each edge moved by up to 10 % of that crop: digits stay inside
+ZOOM_CROP_P = 0.8  # zoom: a crop at all (else the whole image)...
+ZOOM_NEAR_P = 0.6  # ...and of the crops, this share tight around the digits (else box-safe)
 
 
-def _photometric(strength: float) -> list[A.BasicTransform]:
+@dataclass(frozen=True)
+class AffineRange:
+    """A preset's random affine: scale (min, max; x and y drawn apart), shift (a fraction of
+    the image size, either way), rotation and shear (degrees, either way; shear drawn for x
+    and y apart) and its probability. ``svhn.batch_augment`` reads the same ranges."""
+
+    scale: tuple[float, float]
+    shift: float
+    rotate: float
+    shear: float
+    p: float
+
+
+@dataclass(frozen=True)
+class ColourRange:
+    """A preset's photometric changes: colour jitter (brightness, contrast and saturation
+    factors within 1 +- the value, hue shift within +- the value of a full turn) with
+    probability ``jitter_p``; blur, Gaussian noise (std as a fraction of 255), grey and
+    inversion with their probabilities (0: not in the preset)."""
+
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    jitter_p: float = 1.0
+    blur_p: float = 0.0
+    noise_std: tuple[float, float] = (0.02, 0.08)
+    noise_p: float = 0.0
+    gray_p: float = 0.0
+    invert_p: float = 0.0
+
+
+AFFINE = {
+    "baseline": AffineRange((TUTORIAL_ZOOM, TUTORIAL_ZOOM), TUTORIAL_SHIFT, 10, 0, 1.0),
+    "strong": AffineRange((0.85, 1.1), 0.06, 10, 8, 0.9),
+    "zoom": AffineRange((0.9, 1.05), 0.03, 8, 6, 0.7),
+}
+
+
+def colour_range(preset: str) -> ColourRange | None:
+    """The photometric ranges of a preset (None for ``none``)."""
+    strength = {"baseline": 1.0, "strong": 1.5, "zoom": 1.5}.get(preset, 0.0)
+    if strength <= 0:
+        return None
     if strength <= 1:  # the tutorial's jitter has no hue (a costly HSV round trip)
-        return [A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.0, p=1.0)]
-    jitter = A.ColorJitter(
-        brightness=0.3 * strength, contrast=0.3 * strength, saturation=0.2 * strength,
-        hue=0.05 * strength, p=0.8,
-    )
+        return ColourRange(0.3, 0.3, 0.2, 0.0)
+    return ColourRange(0.3 * strength, 0.3 * strength, 0.2 * strength, 0.05 * strength,
+                       jitter_p=0.8, blur_p=0.25, noise_p=0.2, gray_p=0.1, invert_p=0.1)
+
+
+def _photometric(colour: ColourRange) -> list[A.BasicTransform]:
+    jitter = A.ColorJitter(brightness=colour.brightness, contrast=colour.contrast,
+                           saturation=colour.saturation, hue=colour.hue, p=colour.jitter_p)
+    if not colour.blur_p:
+        return [jitter]
     return [
         jitter,
-        A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 5))], p=0.25),
-        A.GaussNoise(std_range=(0.02, 0.08), p=0.2),
-        A.ToGray(p=0.1),
-        A.InvertImg(p=0.1),  # light-on-dark and dark-on-light numbers both occur
+        A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 5))],
+                p=colour.blur_p),
+        A.GaussNoise(std_range=colour.noise_std, p=colour.noise_p),
+        A.ToGray(p=colour.gray_p),
+        A.InvertImg(p=colour.invert_p),  # light-on-dark and dark-on-light numbers both occur
     ]
+
+
+def _affine(preset: str) -> A.Affine:
+    r = AFFINE[preset]
+    return A.Affine(scale=r.scale, translate_percent=(-r.shift, r.shift),
+                    rotate=(-r.rotate, r.rotate), shear=(-r.shear, r.shear),
+                    border_mode=cv2.BORDER_REPLICATE, p=r.p)
 
 
 def _geometric(preset: str, height: int, width: int) -> list[A.BasicTransform]:
     resize = A.Resize(height, width, interpolation=cv2.INTER_LINEAR)
     if preset == "none":
         return [resize]
-    if preset == "baseline":
-        return [resize, A.Affine(scale=TUTORIAL_ZOOM,
-                                 translate_percent=(-TUTORIAL_SHIFT, TUTORIAL_SHIFT),
-                                 rotate=(-10, 10), border_mode=cv2.BORDER_REPLICATE, p=1.0)]
-    if preset == "strong":
-        return [resize, A.Affine(scale=(0.85, 1.1), translate_percent=(-0.06, 0.06),
-                                 rotate=(-10, 10), shear=(-8, 8),
-                                 border_mode=cv2.BORDER_REPLICATE, p=0.9)]
+    if preset in ("baseline", "strong"):
+        return [resize, _affine(preset)]
     if preset == "zoom":
         crops = A.OneOf([
             A.RandomCropNearBBox(max_part_shift=ZOOM_CROP_JITTER,
-                                 cropping_bbox_key="digits_box", p=0.6),
-            A.RandomSizedBBoxSafeCrop(height, width, p=0.4),
-        ], p=0.8)
-        return [crops, resize,
-                A.Affine(scale=(0.9, 1.05), translate_percent=(-0.03, 0.03), rotate=(-8, 8),
-                         shear=(-6, 6), border_mode=cv2.BORDER_REPLICATE, p=0.7)]
+                                 cropping_bbox_key="digits_box", p=ZOOM_NEAR_P),
+            A.RandomSizedBBoxSafeCrop(height, width, p=1 - ZOOM_NEAR_P),
+        ], p=ZOOM_CROP_P)
+        return [crops, resize, _affine(preset)]
     raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {PRESETS}.")
 
 
@@ -96,10 +147,10 @@ def build_transform(preset: str, image_size: tuple[int, int], with_box: bool = F
     """The pipeline for a preset: call with image=uint8 HWC (and, with ``with_box``,
     bboxes=[box], box_labels=[0]); returns a uint8 (3, H, W) tensor."""
     height, width = image_size
-    strength = {"none": 0.0, "baseline": 1.0, "strong": 1.5, "zoom": 1.5}.get(preset, 0.0)
     steps = _geometric(preset, height, width)
-    if strength > 0:
-        steps += _photometric(strength)
+    colour = colour_range(preset)
+    if colour is not None:
+        steps += _photometric(colour)
     steps.append(ToTensorV2())
     if not (with_box or needs_box(preset)):
         return A.Compose(steps, seed=None)

@@ -20,7 +20,9 @@ from svhn import bench
 TINY_RUN = ["--backbones", "simple_cnn", "--batch_size", "8", "--max_batches", "2",
             "--repeats", "1", "--num_workers", "0", "--device", "cpu", "--threads", "1"]
 MEASUREMENTS = ("cache_build", "pipeline", "tutorial_pipeline")
-BACKBONE_MEASUREMENTS = ("model_alone", "end_to_end", "predict", "tutorial_predict")
+BACKBONE_MEASUREMENTS = ("model_alone", "end_to_end", "end_to_end_device_augment", "predict",
+                         "tutorial_predict")
+STAGES = ("gather", "device_augment")
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,23 @@ def test_json_report_has_every_measurement_as_positive_rate(bench_run: dict) -> 
     assert env["device"] == "cpu" and env["num_workers"] == 0 and env["torch_threads"] >= 1
 
 
+def test_stages_say_where_the_time_goes(bench_run: dict) -> None:
+    report = json.loads(bench_run["stdout"])
+    stages = report["stages"]
+    for name in STAGES:
+        assert is_positive_number(stages[name]["images_per_s"]), name
+    for name in ("gather", "albumentations"):
+        assert is_positive_number(stages["per_core"][name]["images_per_s"]), name
+    assert stages["host_to_device"] is None  # on the CPU nothing is copied
+    assert stages["device_augment"]["backend"] == "opencv"  # CPU tensors: the OpenCV backend
+    assert report["config"]["augment"] == "baseline" and report["config"]["cache_scale"] == 1
+
+
+def test_cores_to_feed_a_model_round_up() -> None:
+    assert bench.cores_to_feed(20_000, 1_500) == 14
+    assert bench.cores_to_feed(100, 1_500) == 1
+
+
 def test_ratios_are_computed_from_the_measurements(bench_run: dict) -> None:
     report = json.loads(bench_run["stdout"])
     simple = report["backbones"]["simple_cnn"]
@@ -69,6 +88,12 @@ def test_ratios_are_computed_from_the_measurements(bench_run: dict) -> None:
             simple["end_to_end"]["images_per_s"] / simple["model_alone"]["images_per_s"], None),
         ("predict / tutorial predict", "simple_cnn"): (
             simple["predict"]["images_per_s"] / simple["tutorial_predict"]["images_per_s"], 2.0),
+        ("per-core: gather / albumentations", None): (
+            report["stages"]["per_core"]["gather"]["images_per_s"]
+            / report["stages"]["per_core"]["albumentations"]["images_per_s"], 10.0),
+        ("e2e device aug / e2e cpu aug", "simple_cnn"): (
+            simple["end_to_end_device_augment"]["images_per_s"]
+            / simple["end_to_end"]["images_per_s"], None),
     }
     found = {(r["name"], r["backbone"]): r for r in report["ratios"]}
     assert set(found) == set(expected)
@@ -82,7 +107,9 @@ def test_ratios_are_computed_from_the_measurements(bench_run: dict) -> None:
 def test_table_is_printed_and_json_written_to_out(bench_run: dict) -> None:
     table = bench_run["stderr"]
     for text in ("cache build", "pipeline", "tutorial pipeline", "simple_cnn",
-                 "predict / tutorial predict", "torch threads", "num_workers: 0"):
+                 "predict / tutorial predict", "torch threads", "num_workers: 0",
+                 "gather + collate", "pipeline capacity per CPU core", "cores to feed simple_cnn",
+                 "host-to-device copy", "e2e dev aug"):
         assert text in table
     assert "PASS" in table or "FAIL" in table
     assert json.loads(bench_run["file"]) == json.loads(bench_run["stdout"])
@@ -95,7 +122,27 @@ def test_resnet18_end_to_end_ratio_has_the_target() -> None:
     ratios = {(r["name"], r["backbone"]): r for r in bench.compute_ratios(report)}
     assert ratios[("end-to-end / model alone", "resnet18")]["target"] == 0.9
     assert ratios[("end-to-end / model alone", "resnet18")]["pass"] is True
+    assert ratios[("e2e device aug / e2e cpu aug", "resnet18")]["target"] == 1.0
     assert ratios[("pipeline / tutorial pipeline", None)]["pass"] is False
+
+
+def test_compile_is_measured_against_eager(synthetic_dir: Path, monkeypatch) -> None:
+    # torch.compile itself takes minutes on 2 cores: here it is the identity, and the test
+    # checks that --compile adds the eager measurement, its ratio and the warm-up time.
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **_: compiled.append(module) or module)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        bench.main([*TINY_RUN, "--max_batches", "1", "--data_dir", str(synthetic_dir),
+                    "--compile", "--json"])
+    report = json.loads(stdout.getvalue())
+    simple = report["backbones"]["simple_cnn"]
+    assert compiled and is_positive_number(simple["model_alone_eager"]["images_per_s"])
+    assert is_positive_number(simple["model_alone"]["warmup_s"])
+    ratio = next(r for r in report["ratios"] if r["name"] == "compiled / eager model alone")
+    assert ratio["value"] == pytest.approx(simple["model_alone"]["images_per_s"]
+                                           / simple["model_alone_eager"]["images_per_s"])
+    assert "torch.compile warm-up" in stderr.getvalue()
 
 
 def test_the_tutorial_reference_runs_as_the_tutorial_does() -> None:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from svhn.data import DataError, SVHNDataModule, list_split
-from svhn.images import ImageCache, ImageReadError, read_rgb
+from svhn.images import ImageReadError
 from svhn.labels import BLANK, load_labels
 
 
@@ -88,12 +88,6 @@ def test_long_labels_left_out_with_warning_unless_max_len_allows(tmp_path):
     assert len(list_split(root, "train", max_len=6).samples) == 2
 
 
-def test_any_image_mode_becomes_rgb(tmp_path):
-    for mode in ("RGBA", "L", "P", "RGB"):
-        Image.new(mode, (9, 7)).save(tmp_path / f"{mode}.png")
-        assert read_rgb(tmp_path / f"{mode}.png").shape == (7, 9, 3)
-
-
 def test_missing_data_dir_and_split_are_clear_errors(tmp_path, small_layout):
     with pytest.raises(DataError, match="data folder not found.*Download"):
         list_split(tmp_path / "nowhere", "train")
@@ -125,21 +119,6 @@ def test_corrupt_or_empty_image_names_the_file(small_layout, tmp_path, content):
     dm = datamodule(small_layout, tmp_path)
     with pytest.raises(ImageReadError, match=str(bad)):
         dm.prepare_data()
-
-
-def test_cache_is_reused_and_rebuilt_when_a_file_changes(small_layout, tmp_path):
-    files = list_split(small_layout, "train")
-    cache = ImageCache(files.image_paths, (8, 16), tmp_path / "c" / "train_8x16.npy")
-    assert not cache.is_fresh()
-    cache.build()
-    assert cache.is_fresh()
-    assert cache.array.shape == (3, 8, 16, 3)
-    assert cache.original_sizes.tolist() == [[40, 20]] * 3
-    Image.new("RGB", (40, 21), (255, 255, 255)).save(files.image_paths[0])
-    assert not ImageCache(files.image_paths, (8, 16), cache.cache_file).is_fresh()
-    rebuilt = ImageCache(files.image_paths, (8, 16), cache.cache_file)
-    rebuilt.build()
-    assert rebuilt.array[0].min() == 255
 
 
 def test_eval_sampler_sees_each_item_exactly_once_across_ranks(small_layout, tmp_path):

@@ -395,25 +395,40 @@ class EpochTimer(Callback):
         self.on_train_epoch_end(trainer, pl_module)
 
 
-def measure_end_to_end(backbone: str, cfg: BenchConfig, datamodule: SVHNDataModule,
-                       device: torch.device) -> dict:
-    """Train epochs of a real Trainer.fit; the first epoch is the warm-up. The data module
-    decides where augmentation runs (``augment_on``)."""
-    timer = EpochTimer(device)
-    trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-        precision=cfg.precision, max_epochs=cfg.repeats + 1,
-        limit_train_batches=cfg.max_batches, limit_val_batches=0, num_sanity_val_steps=0,
-        enable_checkpointing=False, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[timer],
-    )
+def measure_end_to_end_turns(backbone: str, cfg: BenchConfig,
+                             datamodules: dict[str, SVHNDataModule],
+                             device: torch.device) -> dict[str, dict]:
+    """Train epochs of real Trainer.fit runs for each data module (augmentation on the CPU,
+    on the device), taking turns epoch by epoch, so that a shared machine's changing load
+    falls on both alike: one fit of one epoch per turn, on the same model; the first turn
+    is the warm-up. The later data modules' measurements keep ``paired``: their ratios to
+    the first's epoch of the same turn (with loader workers, each epoch includes their
+    start)."""
     model = DigitSequenceModel(backbone=backbone, channels_last=cfg.channels_last,
                                compile=cfg.compile)
-    trainer.fit(model, datamodule=datamodule)
-    runs = timer.rates[1:]
-    del trainer, model
-    gc.collect()  # ends the persistent loader workers before the next measurement
-    return {"images_per_s": statistics.median(runs), "runs": runs}
+    rates: dict[str, list[float]] = {name: [] for name in datamodules}
+    for turn in range(cfg.repeats + 1):
+        for name, datamodule in datamodules.items():
+            timer = EpochTimer(device)
+            trainer = L.Trainer(
+                accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                precision=cfg.precision, max_epochs=1, limit_train_batches=cfg.max_batches,
+                limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
+                logger=False, enable_progress_bar=False, enable_model_summary=False,
+                callbacks=[timer],
+            )
+            trainer.fit(model, datamodule=datamodule)
+            if turn:
+                rates[name].extend(timer.rates)
+            del trainer
+            gc.collect()
+    first_name, first = next(iter(rates.items()))
+    results = {name: {"images_per_s": statistics.median(runs), "runs": runs}
+               for name, runs in rates.items()}
+    for name, runs in rates.items():
+        if name != first_name:
+            results[name]["paired"] = [run / base for run, base in zip(runs, first)]
+    return results
 
 
 def tutorial_predict_pass(model: DigitReader, loader_factory: Callable[[], DataLoader],
@@ -483,8 +498,12 @@ def compute_ratios(report: dict) -> list[dict]:
                 continue
             if numerator.startswith("end_to_end") and backbone not in TARGETED_END_TO_END:
                 target = None
-            ratios.append(ratio_entry(name, backbone, results[numerator]["images_per_s"],
-                                      results[denominator]["images_per_s"], target))
+            entry = ratio_entry(name, backbone, results[numerator]["images_per_s"],
+                                results[denominator]["images_per_s"], target)
+            if "paired" in results[numerator]:  # epochs that took turns: their ratios' median
+                entry = ratio_entry(name, backbone,
+                                    statistics.median(results[numerator]["paired"]), 1.0, target)
+            ratios.append(entry)
     return ratios
 
 
@@ -611,7 +630,8 @@ def format_table(report: dict) -> str:
     lines += ["", "tutorial pred.: the tutorial's loop (PIL + torchvision per item, batch 40) "
                   "and model settings (float32, channels-first, eager), same weights",
               "e2e cpu aug / dev aug: Trainer.fit epochs with augment_on cpu (albumentations "
-              "in the loader) / device (svhn.batch_augment after the copy)"]
+              "in the loader) / device (svhn.batch_augment after the copy), taking turns; "
+              "their ratio is the median of the turns' ratios"]
     if compiled:
         lines.append("model alone with --compile: the backbone through torch.compile (what "
                      "--model.compile does); eager: the same step without it")
@@ -641,18 +661,17 @@ def progress(message: str) -> None:
 
 def benchmark_backbone(backbone: str, cfg: BenchConfig, datamodule: SVHNDataModule,
                        data_dir: Path, device: torch.device,
-                       device_datamodule: SVHNDataModule | None = None) -> dict:
+                       device_datamodule: SVHNDataModule) -> dict:
     progress(f"{backbone}: model alone" + (" (compiled, then eager)" if cfg.compile else ""))
     results = {"model_alone": measure_model_alone(backbone, cfg, device)}
     if cfg.compile:
         results["model_alone_eager"] = measure_model_alone(
             backbone, replace(cfg, compile=False), device)
-    progress(f"{backbone}: end-to-end Trainer.fit, augmentation on the CPU")
-    results["end_to_end"] = measure_end_to_end(backbone, cfg, datamodule, device)
-    if device_datamodule is not None:
-        progress(f"{backbone}: end-to-end Trainer.fit, augmentation on the device")
-        results["end_to_end_device_augment"] = measure_end_to_end(
-            backbone, cfg, device_datamodule, device)
+    progress(f"{backbone}: end-to-end Trainer.fit, augmentation on the CPU and on the "
+             "device, taking turns")
+    results.update(measure_end_to_end_turns(
+        backbone, cfg, {"end_to_end": datamodule,
+                        "end_to_end_device_augment": device_datamodule}, device))
     progress(f"{backbone}: predict and tutorial predict")
     results.update(measure_predictions(backbone, cfg, datamodule, data_dir, device))
     return results

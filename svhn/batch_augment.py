@@ -59,6 +59,7 @@ from svhn.transforms import (
     ZOOM_CROP_MARGIN,
     ZOOM_CROP_P,
     ZOOM_NEAR_P,
+    ZOOM_PRESETS,
     AffineRange,
     ColourRange,
     colour_range,
@@ -225,7 +226,7 @@ class BatchAugment:
         n, device = len(boxes), boxes.device
         whole = torch.zeros(n, 4, device=device)
         whole[:, 2:] = 1
-        if self.preset != "zoom":
+        if self.preset not in ZOOM_PRESETS:
             return whole
         # Tight: the box grown by the margin, each edge moved by up to the jitter share.
         size = boxes[:, 2:] - boxes[:, :2]

@@ -31,7 +31,7 @@ from svhn.labels import (
     load_labels,
     split_by_length,
 )
-from svhn.transforms import build_transform, needs_box, zoom_crop_target
+from svhn.transforms import ZOOM_PRESETS, build_transform, needs_box, zoom_crop_target
 
 SPLITS = {
     "train": ("mchar_train", "mchar_train.json"),
@@ -187,7 +187,7 @@ class DigitImageDataset(Dataset):
         # A normalised box only moves under geometric augmentation; resizing keeps it.
         self.track_box = not gather_only and (
             needs_box(preset) or (box_targets and preset != "none"))
-        self.zoom_crops = preset == "zoom"
+        self.zoom_crops = preset in ZOOM_PRESETS
         self.transform = None if gather_only else build_transform(
             preset, image_size, with_box=self.track_box)
         self.names = [p.name for p in files.image_paths]
@@ -339,7 +339,7 @@ class SVHNDataModule(L.LightningDataModule):
         batch_size: images per batch (per device).
         num_workers: dataloader workers; None picks 0 on <= 2 cpus, else min(8, cpus - 1).
         max_len: positions per target; longer labels are left out with a warning.
-        augment: training preset: none, baseline, strong or zoom.
+        augment: training preset: none, baseline, strong, zoom or zoom_plain.
         augment_on: where the training preset runs: ``cpu`` (albumentations per item in the
             loader), ``device`` (``svhn.batch_augment`` on whole batches where the model runs,
             after the copy to it; the loader only gathers cached images) or ``auto``: device

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import changes, repository_state
+from conftest import PLAIN_MODEL, changes, repository_state
 from PIL import Image
 
 from svhn.data import DataError, SVHNDataModule
@@ -53,8 +53,9 @@ def layout(tmp_path: Path) -> Path:
 
 
 def fit_args(data_dir: Path | str, tmp_path: Path, *extra: str) -> list[str]:
-    return ["--data.data_dir", str(data_dir), "--data.cache_dir", str(tmp_path / "cache"),
-            "--data.num_workers", "0", "--data.image_size", "[32, 64]",
+    return [*PLAIN_MODEL, "--data.data_dir", str(data_dir),
+            "--data.cache_dir", str(tmp_path / "cache"), "--data.num_workers", "0",
+            "--data.image_size", "[32, 64]",
             "--data.batch_size", "4", "--trainer.max_epochs", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), *extra]

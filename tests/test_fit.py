@@ -7,6 +7,8 @@ import lightning as L
 import pandas as pd
 import pytest
 import torch
+import yaml
+from conftest import PLAIN_MODEL
 
 from svhn.checkpoints import load_reader
 from svhn.data import SVHNDataModule
@@ -29,7 +31,7 @@ def one_digit_data(tmp_path_factory):
 
 def fit_args(data_dir, tmp_path, *extra: str) -> list[str]:
     return [
-        "--data.data_dir", str(data_dir), "--data.cache_dir", str(tmp_path / "cache"),
+        *PLAIN_MODEL, "--data.data_dir", str(data_dir), "--data.cache_dir", str(tmp_path / "cache"),
         "--data.num_workers", "0", "--data.image_size", "[32, 64]", "--data.batch_size", "32",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         "--trainer.enable_progress_bar", "false", *extra,
@@ -164,6 +166,41 @@ def test_every_config_parses_on_top_of_the_default(config, capsys):
         build_cli(["--config", str(REPO / "configs" / config), "--print_config"])
     assert done.value.code in (None, 0)
     assert "monitor: val/seq_acc" in capsys.readouterr().out
+
+
+# What each backbone config says it is, whatever default.yaml (the quick start) sets first.
+CONFIG_MEANS = {
+    "baseline.yaml": {"model.backbone": "resnet18", "model.feature_grid": None,
+                      "model.box_head": False, "model.zoom": False, "model.optimizer": "adam",
+                      "model.weight_decay": 0.0, "model.scheduler": "none",
+                      "model.channels_last": False, "trainer.precision": "32-true",
+                      "data.image_size": [64, 128], "data.cache_scale": 1.0,
+                      "data.eval_scale": 1.0, "data.batch_size": 40,
+                      "data.augment": "baseline", "data.synthetic_fallback": False},
+    "resnet18.yaml": {"model.backbone": "resnet18", "model.feature_grid": None,
+                      "model.box_head": False, "model.zoom": False,
+                      "data.image_size": [64, 128], "data.cache_scale": 1.0,
+                      "data.eval_scale": 1.0, "data.augment": "strong"},
+    "resnet50.yaml": {"model.backbone": "resnet50", "model.feature_grid": None,
+                      "model.box_head": False, "model.zoom": False,
+                      "data.image_size": [96, 192], "data.cache_scale": 1.0,
+                      "data.eval_scale": 1.0, "data.augment": "strong"},
+    "real_cpu.yaml": {"model.backbone": "resnet18", "model.feature_grid": [2, 4],
+                      "model.zoom_steps": 3, "data.image_size": [64, 128],
+                      "data.augment": "zoom", "data.batch_size": 64},
+    "default.yaml": {"model.backbone": "vgg", "model.zoom": True, "data.data_dir": None,
+                     "data.augment": "zoom_plain", "data.synthetic_fallback": True},
+}
+
+
+@pytest.mark.parametrize("config", sorted(CONFIG_MEANS))
+def test_each_config_means_what_it_says_on_top_of_the_default(config, capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["--config", str(REPO / "configs" / config), "--print_config"])
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    for key, expected in CONFIG_MEANS[config].items():
+        section, name = key.split(".")
+        assert resolved[section][name] == expected, (config, key)
 
 
 def test_zoom_overlay_composes_with_a_backbone_config(capsys):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PLAIN_MODEL
 
 from svhn import inference
 from svhn.checkpoints import CheckpointError, load_reader, read_checkpoint
@@ -126,7 +127,7 @@ def test_a_previous_format_checkpoint_validates_through_the_fit_cli(synthetic_da
     from svhn.fit import build_cli
 
     legacy = FIXTURES / "legacy_plain.ckpt"
-    cli = build_cli(["validate", "--ckpt_path", str(legacy),
+    cli = build_cli(["validate", *PLAIN_MODEL, "--ckpt_path", str(legacy),
                      "--data.data_dir", str(synthetic_data_dir), "--data.num_workers", "0",
                      "--data.cache_dir", str(tmp_path / "cache"),
                      "--trainer.default_root_dir", str(tmp_path),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from conftest import PLAIN_MODEL
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import svhn.runs as runs_module
@@ -40,6 +41,7 @@ class Fits:
 
 def tiny_fit(data_dir: Path, cache_dir: Path, runs: Path, *extra: str):
     return build_cli([
+        *PLAIN_MODEL,
         "--data.data_dir", str(data_dir), "--data.cache_dir", str(cache_dir),
         "--data.num_workers", "0", "--data.image_size", "[32, 64]", "--data.batch_size", "32",
         "--data.augment", "none", "--model.scheduler", "none",

@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import PLAIN_MODEL
 
 from svhn.checkpoints import CheckpointError, load_reader
 from svhn.data import SVHNDataModule
@@ -31,6 +32,7 @@ def test_eval_scale_gives_sharper_eval_images_and_tracks_boxes_in_training(
 def zoom_run(synthetic_data_dir, tmp_path_factory):
     runs = tmp_path_factory.mktemp("zoom_runs")
     cli = build_cli([
+        *PLAIN_MODEL,
         "--data.data_dir", str(synthetic_data_dir), "--data.num_workers", "0",
         "--data.cache_dir", str(runs / "cache"), "--data.image_size", "[32, 64]",
         "--data.augment", "zoom", "--data.cache_scale", "2", "--data.eval_scale", "2",

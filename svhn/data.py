@@ -27,7 +27,7 @@ from svhn.labels import (
     load_labels,
     split_by_length,
 )
-from svhn.transforms import ZOOM_PRESETS, build_transform, needs_box, zoom_crop_target
+from svhn.transforms import PRESETS, ZOOM_PRESETS, build_transform, needs_box, zoom_crop_target
 
 SPLITS = {
     "train": ("mchar_train", "mchar_train.json"),
@@ -329,6 +329,8 @@ class SVHNDataModule(L.LightningDataModule):
         synthetic_extra: int = 0,
     ):
         super().__init__()
+        if augment not in PRESETS:  # here, not at setup: a refused run must write nothing
+            raise ValueError(f"augment {augment!r}: choose one of {PRESETS}.")
         self.save_hyperparameters()
         self.uses_synthetic_fallback = (data_dir is None and synthetic_fallback
                                         and holds_nothing_of_the_competition(DEFAULT_DATA_DIR))

@@ -88,11 +88,13 @@ def test_cli_default_config_falls_back_to_synthetic_data(tmp_path):
                         cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    start, summary = out.split("====")[1], out.rsplit("\n\n", 1)[-1].strip().splitlines()
+    lines = out.strip().splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("=====")]
+    assert len(rules) == 4 and rules[-1] == len(lines) - 1  # two frames; the last ends it
+    start = "\n".join(lines[rules[0]:rules[1]])
     assert "NO COMPETITION DATA" in start and str(tmp_path / "data" / "mchar") in start
     # The last lines: what was trained on what, the score, the next commands, framed.
-    assert summary[0].startswith("====") and summary[-1].startswith("====")
-    text = "\n".join(summary)
+    text = "\n".join(lines[rules[2]:])
     assert "on 64 images of data/synthetic: SYNTHETIC" in text
     assert "Best val/seq_acc" in text and "synthetic val set (16 val images)" in text
     assert "python -m svhn.predict" in text and "--data_dir data/synthetic --split val" in text

@@ -107,6 +107,16 @@ def test_cli_default_config_falls_back_to_synthetic_data(tmp_path):
     assert "data_dir: null" in config.read_text()
 
 
+@pytest.mark.slow
+def test_the_quick_start_reads_its_synthetic_val(tmp_path):
+    # README's first run, unchanged: about 1.5 minutes of training on a quiet 2-core CPU.
+    result = run_module(["svhn.fit"], cwd=tmp_path, timeout=3000)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = metrics_of(tmp_path / "runs/default/version_0")["val/seq_acc"].dropna()
+    assert scores.max() >= 0.80, scores.tolist()
+    assert f"Best val/seq_acc: {scores.max():.4f} on the synthetic val set" in result.stdout
+
+
 def test_print_config_shows_merged_settings(tmp_path):
     result = run_module(["svhn.fit", "--config", str(REPO / "configs/resnet18.yaml"),
                          "--print_config"], cwd=tmp_path)

@@ -31,7 +31,7 @@ from svhn.labels import (
     load_labels,
     split_by_length,
 )
-from svhn.transforms import ZOOM_PRESETS, build_transform, needs_box, zoom_crop_target
+from svhn.transforms import PRESETS, ZOOM_PRESETS, build_transform, needs_box, zoom_crop_target
 
 SPLITS = {
     "train": ("mchar_train", "mchar_train.json"),
@@ -393,6 +393,8 @@ class SVHNDataModule(L.LightningDataModule):
         synthetic_extra: int = 0,
     ):
         super().__init__()
+        if augment not in PRESETS:  # here, not at setup: a refused run must write nothing
+            raise ValueError(f"augment {augment!r}: choose one of {PRESETS}.")
         self.save_hyperparameters()
         if augment_on not in AUGMENT_ON:
             raise ValueError(f"augment_on must be one of {AUGMENT_ON}, not {augment_on!r}.")

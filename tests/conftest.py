@@ -28,7 +28,8 @@ PLAIN_MODEL = ["--model.backbone", "simple_cnn", "--model.feature_grid", "null",
                "--model.channels_last", "false", "--model.optimizer", "adam",
                "--model.weight_decay", "0", "--trainer.precision", "32-true",
                "--data.augment", "baseline", "--data.cache_scale", "1",
-               "--data.eval_scale", "1", "--data.batch_size", "64"]
+               "--data.eval_scale", "1", "--data.image_size", "[64, 128]",
+               "--data.batch_size", "64"]
 NOT_WATCHED = {".git", ".venv", "venv", ".pytest_cache", ".ruff_cache", "__pycache__",
                ".ipynb_checkpoints"}
 

@@ -1,5 +1,7 @@
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -60,8 +62,10 @@ def test_unknown_backbone_and_pretrained_classic_are_errors():
 
 
 def test_models_cli_prints_the_table():
+    # The repository under test, whatever the working folder (tests run in a temp folder).
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-m", "svhn.backbones", "--timm", "resnet18"],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env=env).stdout
     assert "simple_cnn" in out and "resnet18" in out and "(1, 512)" in out
 
 

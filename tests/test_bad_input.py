@@ -223,6 +223,13 @@ def test_a_model_setting_refused_by_the_model_is_one_line(layout, tmp_path, caps
             "optimizer 'adamm'", "adamw")
 
 
+def test_an_unknown_augmentation_is_one_line_before_anything_is_written(layout, tmp_path,
+                                                                       capsys):
+    refused(fit_args(layout, tmp_path, "--data.augment", "zoomm"), capsys, tmp_path,
+            "augment 'zoomm'", "zoom_plain")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
 def test_a_missing_init_from_checkpoint_is_one_line(layout, tmp_path, capsys):
     refused(fit_args(layout, tmp_path, "--model.init_from", str(tmp_path / "x.ckpt")),
             capsys, tmp_path, tmp_path / "x.ckpt", "not found")

@@ -89,13 +89,13 @@ def test_cli_default_config_falls_back_to_synthetic_data(tmp_path):
                         cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    rules = [i for i, line in enumerate(out.splitlines()) if line.startswith("====")]
-    start = "\n".join(out.splitlines()[rules[0]:rules[1]])  # the first framed notice
-    summary = out.rsplit("\n\n", 1)[-1].strip().splitlines()
+    lines = out.strip().splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("=====")]
+    assert len(rules) == 4 and rules[-1] == len(lines) - 1  # two frames; the last ends it
+    start = "\n".join(lines[rules[0]:rules[1]])
     assert "NO COMPETITION DATA" in start and str(tmp_path / "data" / "mchar") in start
     # The last lines: what was trained on what, the score, the next commands, framed.
-    assert summary[0].startswith("====") and summary[-1].startswith("====")
-    text = "\n".join(summary)
+    text = "\n".join(lines[rules[2]:])
     assert "on 64 images of data/synthetic: SYNTHETIC" in text
     assert "Best val/seq_acc" in text and "synthetic val set (16 val images)" in text
     assert "python -m svhn.predict" in text and "--data_dir data/synthetic --split val" in text
@@ -106,6 +106,16 @@ def test_cli_default_config_falls_back_to_synthetic_data(tmp_path):
     config = tmp_path / "runs/default/version_0/config.yaml"
     assert (config.parent / "checkpoints/last.ckpt").is_file()
     assert "data_dir: null" in config.read_text()
+
+
+@pytest.mark.slow
+def test_the_quick_start_reads_its_synthetic_val(tmp_path):
+    # README's first run, unchanged: about 1.5 minutes of training on a quiet 2-core CPU.
+    result = run_module(["svhn.fit"], cwd=tmp_path, timeout=3000)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = metrics_of(tmp_path / "runs/default/version_0")["val/seq_acc"].dropna()
+    assert scores.max() >= 0.80, scores.tolist()
+    assert f"Best val/seq_acc: {scores.max():.4f} on the synthetic val set" in result.stdout
 
 
 def test_print_config_shows_merged_settings(tmp_path):

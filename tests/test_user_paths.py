@@ -250,7 +250,8 @@ def test_each_dataloader_worker_draws_its_own_augmentations(easy_data_dir, tmp_p
     shutil.copytree(root / "mchar_train", root / "mchar_val")
     shutil.copy(root / "mchar_train.json", root / "mchar_val.json")
     data = SVHNDataModule(str(root), image_size=(32, 64), num_workers=2, batch_size=1,
-                          augment="baseline", cache_dir=str(tmp_path / "cache"))
+                          augment="baseline", augment_on="cpu",
+                          cache_dir=str(tmp_path / "cache"))
     data.prepare_data()
     data.setup("fit")
     batches = iter(data.train_dataloader())

@@ -87,6 +87,11 @@ def derive_seed(*parts: int) -> int:
     return int(state[0]) % 2**63
 
 
+def union_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """The union boxes crops are cut around: (B, 4) as given, or the first of (B, K, 4)."""
+    return boxes[:, 0] if boxes.ndim == 3 else boxes
+
+
 def affine_grid(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``F.affine_grid(theta, (B, C, *size), align_corners=False)`` built as one broadcast
     sum of a per-column and a per-row term (3x faster on CPU than its batched product)."""
@@ -159,7 +164,8 @@ class BatchAugment:
     """A preset of ``svhn.transforms`` for whole batches on their device.
 
     ``augment(images, boxes)``: ``images`` uint8 (B, 3, Hc, Wc) at cache size on any device,
-    ``boxes`` (B, 4) normalised union boxes of the digits; returns uint8 (B, 3, H, W) at
+    ``boxes`` (B, 4) normalised union boxes of the digits, or (B, K, 4) with the union box
+    first and K - 1 more boxes (each digit's) that move along; returns uint8 (B, 3, H, W) at
     ``image_size`` and the boxes moved with the images. Random parameters come from one
     ``torch.Generator`` per device, seeded by ``seed`` (``reseed`` starts it again), so a
     seed gives the same batches on the same device. ``backend``: see the module docstring.
@@ -299,6 +305,11 @@ class BatchAugment:
         """Boxes through ``forward`` maps: the bounding box of the four moved corners,
         clipped to the image; a box that leaves the image becomes the whole image (as the
         CPU path does when albumentations drops it)."""
+        if boxes.ndim == 3:  # (B, K, 4): every box of an image through its image's map
+            count = boxes.shape[1]
+            moved = BatchAugment.move_boxes(boxes.reshape(-1, 4),
+                                            forward.repeat_interleave(count, dim=0))
+            return moved.reshape(boxes.shape)
         x0, y0, x1, y1 = boxes.float().unbind(1)
         corners = torch.stack([torch.stack([x0, y0], 1), torch.stack([x1, y0], 1),
                                torch.stack([x0, y1], 1), torch.stack([x1, y1], 1)], 1)
@@ -477,7 +488,7 @@ class BatchAugment:
                 with one_torch_thread():
                     return self._augment_opencv(images, boxes)
             boxes = boxes.to(images.device, torch.float32)
-            forward = self.geometry(boxes)
+            forward = self.geometry(union_boxes(boxes))
             out = self.warp(to_float(images), forward)
             colour = self.sample_photometric(out.mean(dim=(2, 3)))
             if colour is not None:
@@ -488,7 +499,7 @@ class BatchAugment:
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Parameters drawn on the CPU as the torch backend draws them, pixels by OpenCV."""
         boxes = boxes.to("cpu", torch.float32)
-        forward = self.geometry(boxes)
+        forward = self.geometry(union_boxes(boxes))
         out = self._warp_each(images, forward)
         means = torch.tensor([cv2.mean(image)[:3] for image in out],
                              dtype=torch.float32).reshape(-1, 3)

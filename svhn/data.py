@@ -169,7 +169,10 @@ class DigitImageDataset(Dataset):
 
     Each item is a dict: ``image`` (3, H, W) uint8 tensor, ``target`` (max_len,) long,
     ``length`` (number of digits, 0 when unlabelled), ``box`` (4,) union box of the digits
-    normalised to the image (zeros when unlabelled) and ``file_name``.
+    normalised to the image (zeros when unlabelled), ``char_boxes`` (max_len, 4) each digit's
+    own box, normalised, in reading order (all zeros at blank positions, when unlabelled and
+    without ``char_box_targets``; moved with the image wherever ``box`` is) and
+    ``file_name``.
 
     ``gather_only``: no transform at all; items are the cached images at cache size with
     their boxes unmoved (``BatchAugment`` augments the batch on the model's device), and
@@ -179,6 +182,7 @@ class DigitImageDataset(Dataset):
     def __init__(
         self, files: SplitFiles, cache: ImageCache, preset: str, image_size: tuple[int, int],
         max_len: int = DEFAULT_MAX_LEN, box_targets: bool = False, gather_only: bool = False,
+        char_box_targets: bool = False,
     ):
         self.files = files
         self.cache = cache
@@ -186,7 +190,9 @@ class DigitImageDataset(Dataset):
         self.gather_only = gather_only
         # A normalised box only moves under geometric augmentation; resizing keeps it.
         self.track_box = not gather_only and (
-            needs_box(preset) or (box_targets and preset != "none"))
+            needs_box(preset) or ((box_targets or char_box_targets) and preset != "none"))
+        # Each tracked box costs albumentations time: the digits' own boxes only when asked.
+        self.track_chars = char_box_targets
         self.zoom_crops = preset in ZOOM_PRESETS
         self.transform = None if gather_only else build_transform(
             preset, image_size, with_box=self.track_box)
@@ -196,13 +202,17 @@ class DigitImageDataset(Dataset):
         if files.samples is not None:
             self.targets = torch.tensor([encode_label(s.digits, max_len) for s in files.samples])
             self.lengths = torch.tensor([len(s.digits) for s in files.samples])
-            self.boxes = _normalised_union_boxes(files.samples,
-                                                 cache.original_sizes[self.cache_index])
+            sizes = cache.original_sizes[self.cache_index]
+            self.boxes = _normalised_union_boxes(files.samples, sizes)
+            self.char_boxes = _normalised_char_boxes(files.samples, sizes, max_len)
+            if not char_box_targets:
+                self.char_boxes[:] = 0  # "no box known": no loss, nothing to move
         else:
             self.targets = torch.full((len(self.names), max_len), -100, dtype=torch.long)
             self.lengths = torch.zeros(len(self.names), dtype=torch.long)
             self.boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32),
                                  (len(self.names), 1))
+            self.char_boxes = np.zeros((len(self.names), max_len, 4), dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -212,11 +222,19 @@ class DigitImageDataset(Dataset):
             return {key: value[0] for key, value in self.__getitems__([index]).items()}
         # A copy: the memory map is read-only, and tensors must own writable memory.
         image = np.array(self.cache.array[self.cache_index[index]])
+        chars = self.char_boxes[index]
         if self.track_box:
             extra = zoom_crop_target(self.boxes[index], image.shape) if self.zoom_crops else {}
-            out = self.transform(image=image, bboxes=[self.boxes[index]], box_labels=[0],
-                                 **extra)
-            box = out["bboxes"][0] if len(out["bboxes"]) else np.array([0.0, 0.0, 1.0, 1.0])
+            # Label 0 is the union box, label k the digit at position k - 1.
+            present = np.flatnonzero(chars[:, 2] > chars[:, 0]) if self.track_chars \
+                else np.zeros(0, dtype=np.int64)
+            out = self.transform(image=image, bboxes=[self.boxes[index], *chars[present]],
+                                 box_labels=[0, *(present + 1)], **extra)
+            moved = dict(zip(out["box_labels"], np.asarray(out["bboxes"], dtype=np.float32)))
+            box = moved.get(0, np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32))
+            chars = np.zeros_like(chars)  # a digit cropped away has no box to learn
+            for position in present:
+                chars[position] = moved.get(position + 1, 0.0)
         else:
             out, box = self.transform(image=image), self.boxes[index]
         return {
@@ -224,6 +242,7 @@ class DigitImageDataset(Dataset):
             "target": self.targets[index],
             "length": self.lengths[index],
             "box": torch.as_tensor(np.asarray(box, dtype=np.float32)),
+            "char_boxes": torch.from_numpy(np.ascontiguousarray(chars, dtype=np.float32)),
             "file_name": self.names[index],
         }
 
@@ -241,6 +260,7 @@ class DigitImageDataset(Dataset):
             "target": self.targets[indices],
             "length": self.lengths[indices],
             "box": torch.from_numpy(self.boxes[indices]),
+            "char_boxes": torch.from_numpy(self.char_boxes[indices]),
             "file_name": [self.names[i] for i in indices],
         }
 
@@ -253,6 +273,45 @@ def _normalised_union_boxes(samples: Sequence[Sample], original_sizes: np.ndarra
     boxes[:, 2] = np.maximum(boxes[:, 2], boxes[:, 0] + 1e-3)
     boxes[:, 3] = np.maximum(boxes[:, 3], boxes[:, 1] + 1e-3)
     return np.clip(boxes, 0.0, 1.0).astype(np.float32)
+
+
+def fixed_subset(files: SplitFiles, count: int, seed: int = 0) -> SplitFiles:
+    """The first ``count`` labelled images of one fixed shuffle (kept in file order)."""
+    total = len(files.image_paths)
+    if count > total:
+        raise ValueError(f"train_subset {count}: the {files.name} split has only {total} "
+                         f"labelled images; ask for at most {total}, or None for all.")
+    chosen = np.sort(np.random.default_rng(seed).permutation(total)[:count])
+    return SplitFiles(files.name, [files.image_paths[i] for i in chosen],
+                      [files.samples[i] for i in chosen])
+
+
+def training_images(datamodule: SVHNDataModule) -> dict[str, int]:
+    """How many images one training epoch draws from the data folder's splits and from the
+    extra training folders (synthetic sets): what a data-efficiency curve is plotted against."""
+    parts = datamodule.train_set.datasets
+    from_data_dir = len(datamodule.hparams.train_on)  # setup puts these first
+    return {"data_dir": sum(len(d) for d in parts[:from_data_dir]),
+            "extra": sum(len(d) for d in parts[from_data_dir:])}
+
+
+def _normalised_char_boxes(samples: Sequence[Sample], original_sizes: np.ndarray,
+                           max_len: int) -> np.ndarray:
+    """(N, max_len, 4) each digit's (x0, y0, x1, y1) box normalised to its image; zeros at
+    blank positions (labels longer than max_len never get here: they are left out)."""
+    out = np.zeros((len(samples), max_len, 4), dtype=np.float64)
+    for i, sample in enumerate(samples):
+        for position, (left, top, width, height) in enumerate(sample.boxes[:max_len]):
+            out[i, position] = (left, top, left + width, top + height)
+    scale = np.tile(original_sizes, 2)[:, None, :].astype(np.float64)
+    out = np.clip(out / scale, 0.0, 1.0)
+    present = np.zeros(out.shape[:2], dtype=bool)
+    for i, sample in enumerate(samples):
+        present[i, :min(len(sample.digits), max_len)] = True
+    # Degenerate boxes (zero area after clipping) keep a sliver, as the union box does.
+    out[..., 2] = np.where(present, np.maximum(out[..., 2], out[..., 0] + 1e-3), 0.0)
+    out[..., 3] = np.where(present, np.maximum(out[..., 3], out[..., 1] + 1e-3), 0.0)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 def fallback_notice(synthetic_size: int) -> str:
@@ -349,6 +408,10 @@ class SVHNDataModule(L.LightningDataModule):
             DDP ranks differ, and a resumed run augments its later epochs as an unbroken run
             does. Evaluation is never augmented, so both choices validate alike.
         train_on: splits to train on; ("train", "val") for a final submission.
+        train_subset: train on only this many images of the ``train`` split (None: all):
+            the first ones of one fixed shuffle, so every run with the same number sees the
+            same images and a smaller subset lies inside a larger one (data-efficiency
+            curves). Other splits and extra training folders are not cut.
         val_on: split for validation (checkpoint choice) and test.
         predict_on: split to predict.
         predict_labelled: predict only the labelled images of predict_on, with their targets
@@ -360,6 +423,8 @@ class SVHNDataModule(L.LightningDataModule):
             sharper copy (keep cache_scale >= eval_scale).
         box_targets: keep the digits' box right through every augmentation (for a model
             with a box head; ``svhn.fit`` links it to ``model.box_head``).
+        char_box_targets: also each digit's own box (``char_boxes``; for a model with
+            ``char_boxes``, linked likewise); without it they are zeros, "not known".
         synthetic_fallback: when data_dir is unset and data/mchar holds nothing of the
             competition, generate a synthetic set under data/synthetic and train on it (the
             quick start of svhn.fit). Never applies to a data_dir that was named.
@@ -380,6 +445,7 @@ class SVHNDataModule(L.LightningDataModule):
         augment: str = "baseline",
         augment_on: str = "auto",
         train_on: tuple[str, ...] = ("train",),
+        train_subset: int | None = None,
         val_on: str = "val",
         predict_on: str = "test_a",
         predict_labelled: bool = False,
@@ -387,6 +453,7 @@ class SVHNDataModule(L.LightningDataModule):
         cache_scale: float = 1.0,
         eval_scale: float = 1.0,
         box_targets: bool = False,
+        char_box_targets: bool = False,
         synthetic_fallback: bool = False,
         synthetic_size: int = 2000,
         extra_train: tuple[str, ...] = (),
@@ -396,6 +463,9 @@ class SVHNDataModule(L.LightningDataModule):
         if augment not in PRESETS:  # here, not at setup: a refused run must write nothing
             raise ValueError(f"augment {augment!r}: choose one of {PRESETS}.")
         self.save_hyperparameters()
+        if train_subset is not None and train_subset < 1:
+            raise ValueError(f"train_subset must be a number of images >= 1, not "
+                             f"{train_subset} (None: the whole train split).")
         if augment_on not in AUGMENT_ON:
             raise ValueError(f"augment_on must be one of {AUGMENT_ON}, not {augment_on!r}.")
         self.uses_synthetic_fallback = (data_dir is None and synthetic_fallback
@@ -515,26 +585,31 @@ class SVHNDataModule(L.LightningDataModule):
                           folder / f"{split}_{height}x{width}.npy")
 
     def dataset(self, split: str, preset: str = "none", labelled: bool = True,
-                root: Path | None = None, gather_only: bool = False) -> DigitImageDataset:
+                root: Path | None = None, gather_only: bool = False,
+                subset: int | None = None) -> DigitImageDataset:
         """One split as a dataset with the given augmentation preset (cached per pair).
 
         ``labelled=False`` keeps every image of the split, labels or not: prediction must
         write a row for each image, also those whose label is longer than max_len.
         ``root`` reads the split from another folder in the competition layout.
         ``gather_only``: cached images as they are, for augmentation on the device.
+        ``subset``: only this many labelled images (see ``train_subset``).
         """
         root = root or self.data_dir
-        key = f"{root}:{split}:{preset}:{labelled}:{gather_only}"
+        key = f"{root}:{split}:{preset}:{labelled}:{gather_only}:{subset}"
         if key not in self.datasets:
             if labelled and SPLITS[split][1] is not None:
                 files = self._labelled_files(split, root)
+                if subset is not None:
+                    files = fixed_subset(files, subset)
             else:
                 files = SplitFiles(split, split_images(root, split), None)
             cache = self._built_cache(split, root)
             size = self.image_size if preset != "none" else self.eval_size
             self.datasets[key] = DigitImageDataset(files, cache, preset, size,
                                                    self.hparams.max_len,
-                                                   self.hparams.box_targets, gather_only)
+                                                   self.hparams.box_targets, gather_only,
+                                                   self.hparams.char_box_targets)
         return self.datasets[key]
 
     # -- where augmentation runs ---------------------------------------------------------
@@ -567,7 +642,11 @@ class SVHNDataModule(L.LightningDataModule):
         if self._augment_epoch != trainer.current_epoch:
             self._augment_epoch = trainer.current_epoch
             self.batch_augment.reseed(self._augment_seed())
-        batch["image"], batch["box"] = self.batch_augment(batch["image"], batch["box"])
+        boxes = torch.cat([batch["box"][:, None], batch["char_boxes"]], dim=1)
+        batch["image"], moved = self.batch_augment(batch["image"], boxes)
+        present = batch["char_boxes"][..., 2] > batch["char_boxes"][..., 0]
+        batch["box"] = moved[:, 0]
+        batch["char_boxes"] = torch.where(present[..., None].to(moved.device), moved[:, 1:], 0.0)
         return batch
 
     def setup(self, stage: str | None = None) -> None:
@@ -576,8 +655,11 @@ class SVHNDataModule(L.LightningDataModule):
             on_device = self.augments_on_device()
             self.batch_augment = BatchAugment(preset, self.image_size, self._augment_seed()
                                               ) if on_device else None
+            subset = self.hparams.train_subset
             self.train_set = TrainingSet(
-                [self.dataset(s, preset, gather_only=on_device) for s in self.hparams.train_on]
+                [self.dataset(s, preset, gather_only=on_device,
+                              subset=subset if s == "train" else None)
+                 for s in self.hparams.train_on]
                 + [self.dataset("train", preset, root=root, gather_only=on_device)
                    for root in self.extra_train_dirs])
         if stage in ("fit", "validate", "test", None):

@@ -214,7 +214,9 @@ class SVHNCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.link_arguments("data.max_len", "model.max_len")
         parser.link_arguments("data.image_size", "model.image_size")
+        # Boxes move with the image under augmentation only where a head learns from them.
         parser.link_arguments("model.box_head", "data.box_targets")
+        parser.link_arguments("model.char_boxes", "data.char_box_targets")
 
     def _parse_ckpt_path(self) -> None:
         """A ``--ckpt_path`` is checked here, before anything is built or written.

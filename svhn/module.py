@@ -24,7 +24,7 @@ from svhn.checkpoints import (
     upgrade_hyperparameters,
     upgrade_state_dict,
 )
-from svhn.labels import NUM_CLASSES
+from svhn.labels import BLANK, NUM_CLASSES
 from svhn.metrics import SequenceMetrics, whole_string_correct
 from svhn.reader import DigitReader
 
@@ -41,6 +41,8 @@ class DigitSequenceModel(L.LightningModule):
     Training args:
         label_smoothing: cross-entropy label smoothing.
         box_loss_weight: weight of the box loss (smooth L1) against the digit loss.
+        char_box_loss_weight: weight of the per-digit box loss (smooth L1 over the positions
+            that hold a digit; readers with ``char_boxes``).
         init_from: start from the weights of this checkpoint (fine-tuning), not a resume.
         optimizer: adam, adamw or sgd.
         lr, weight_decay, momentum: optimiser settings (momentum for sgd).
@@ -56,6 +58,7 @@ class DigitSequenceModel(L.LightningModule):
         self,
         label_smoothing: float = 0.0,
         box_loss_weight: float = 1.0,
+        char_box_loss_weight: float = 1.0,
         init_from: str | None = None,
         optimizer: str = "adam",
         lr: float = 1e-3,
@@ -137,6 +140,11 @@ class DigitSequenceModel(L.LightningModule):
             self.log(f"{stage}/box_loss", box_loss, batch_size=batch_size, sync_dist=True,
                      on_step=False, on_epoch=True)
             loss = loss + self.hparams.box_loss_weight * box_loss
+        if "char_boxes" in out:
+            char_box_loss = digit_box_loss(out["char_boxes"], batch["char_boxes"], targets)
+            self.log(f"{stage}/char_box_loss", char_box_loss, batch_size=batch_size,
+                     sync_dist=True, on_step=False, on_epoch=True)
+            loss = loss + self.hparams.char_box_loss_weight * char_box_loss
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits.detach(), targets)
         if "first_pass_logits" in out:  # how much the zoom adds, in the same run
@@ -186,4 +194,15 @@ class DigitSequenceModel(L.LightningModule):
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-__all__ = ["DigitSequenceModel"]
+def digit_box_loss(predicted: torch.Tensor, true: torch.Tensor, targets: torch.Tensor
+                   ) -> torch.Tensor:
+    """Smooth L1 between (B, max_len, 4) predicted and true digit boxes, over the positions
+    that hold a digit whose box is known (blank, unlabelled and cropped-away positions add
+    nothing); zero, still connected to the graph, when there is none."""
+    known = (targets >= 0) & (targets != BLANK) & (true[..., 2] > true[..., 0])
+    per_box = F.smooth_l1_loss(predicted.float(), true.float(), beta=0.05,
+                               reduction="none").mean(-1)
+    return (per_box * known).sum() / known.sum().clamp(min=1)
+
+
+__all__ = ["DigitSequenceModel", "digit_box_loss"]

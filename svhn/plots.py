@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import ScalarFormatter
 
 from svhn.analysis import (
     CLASS_NAMES,
@@ -282,6 +283,32 @@ def accuracy_by_length(by_length: pd.DataFrame, score: float | None = None) -> F
     ax.set_title("Whole-string accuracy by label length")
     ax.set_xlabel("digits in the true label")
     ax.set_ylabel("accuracy")
+    return figure
+
+
+def data_efficiency(runs: pd.DataFrame) -> Figure:
+    """Best and last val/seq_acc against training images per run (``svhn.runs`` rows with
+    ``train_images``), on a log axis: how the recipe grows with more labelled data."""
+    points = runs.dropna(subset=["train_images", "best_seq_acc"]).sort_values("train_images")
+    if points.empty:
+        raise ValueError("no run with a recorded number of training images and a val score "
+                         "(runs from svhn.fit record it in run_summary.json).")
+    figure = new_figure(6.5, 4)
+    ax = figure.add_subplot()
+    for column, style, label in (("best_seq_acc", "o-", "best epoch (chosen on val)"),
+                                 ("last_seq_acc", "s--", "last epoch")):
+        ax.plot(points["train_images"], points[column], style, label=label)
+    for images, score in zip(points["train_images"], points["best_seq_acc"]):
+        ax.annotate(f"{score:.3f}", (images, score), textcoords="offset points",
+                    xytext=(0, 7), ha="center", fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(set(points["train_images"])))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("labelled training images")
+    ax.set_ylabel("val whole-string accuracy")
+    ax.set_title("Data efficiency")
+    ax.legend(loc="lower right")
     return figure
 
 

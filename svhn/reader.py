@@ -17,8 +17,10 @@ from torchvision.ops import roi_align
 
 from svhn.backbones import create_backbone, input_normalization
 from svhn.images import DEFAULT_IMAGE_SIZE
-from svhn.labels import DEFAULT_MAX_LEN, NUM_CLASSES
+from svhn.labels import BLANK, DEFAULT_MAX_LEN, NUM_CLASSES
 from svhn.transforms import ZOOM_CROP_MARGIN
+
+ZOOM_FROM = ("box", "digits")
 
 
 class DigitHeads(nn.Module):
@@ -58,6 +60,13 @@ class DigitReader(nn.Module):
         feature_grid: pool the backbone's last feature maps to this (rows, cols) grid instead
             of its own pooling; keeps position for the box head. None = backbone's own.
         box_head: also predict the box around the digits (normalised x0, y0, x1, y1).
+        char_boxes: also predict each position's own digit box (``char_boxes`` (B, max_len,
+            4)), learnt from the per-digit boxes of the labels: the heads' positions are
+            tied to places in the image.
+        zoom_from: what each zoom crop is cut around: ``box`` (the box head's union box) or
+            ``digits`` (the union of the char boxes at the positions the heads read as
+            digits, so the crop holds as many digits as the reading has; needs
+            ``char_boxes``; the box head's box where no digit is read).
         zoom_steps: crop reads after the whole-image read when not training (0 = none; needs
             the box head). Train with the ``zoom`` augmentation so such crops are familiar.
         zoom_margin: each crop grows the predicted box by this fraction of its size per side
@@ -77,6 +86,8 @@ class DigitReader(nn.Module):
         dropout: float = 0.0,
         feature_grid: tuple[int, int] | None = None,
         box_head: bool = False,
+        char_boxes: bool = False,
+        zoom_from: str = "box",
         zoom_steps: int = 0,
         zoom_margin: float = ZOOM_CROP_MARGIN,
         channels_last: bool = False,
@@ -87,7 +98,14 @@ class DigitReader(nn.Module):
         if zoom_steps and not box_head:
             raise ValueError("zoom_steps > 0 needs box_head: true (the box says where to zoom); "
                              "configs/zoom.yaml sets both: --config configs/zoom.yaml.")
+        if zoom_from not in ZOOM_FROM:
+            raise ValueError(f"zoom_from {zoom_from!r}: choose one of {ZOOM_FROM}.")
+        if zoom_from == "digits" and not (char_boxes and box_head):
+            raise ValueError("zoom_from: digits needs char_boxes: true and box_head: true "
+                             "(the digits' boxes say where to zoom, the box head where "
+                             "no digit is read).")
         self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.zoom_from = zoom_from
         self.zoom_steps = zoom_steps
         self.zoom_margin = zoom_margin
         self.channels_last = channels_last
@@ -95,6 +113,7 @@ class DigitReader(nn.Module):
         features = self.backbone.num_features
         self.heads = DigitHeads(features, max_len, hidden_dim, dropout)
         self.box_regressor = nn.Linear(features, 4) if box_head else None
+        self.char_box_regressor = nn.Linear(features, max_len * 4) if char_boxes else None
         mean, std = input_normalization(self.backbone)
         # Not saved: they follow from the backbone, and older checkpoints do not have them.
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255,
@@ -128,12 +147,29 @@ class DigitReader(nn.Module):
         and, with a box head, ``box`` (B, 4)."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        backbone = self.compiled_backbone or self.backbone
+        # "or" would ask the compiled module for its len(), which it refuses
+        backbone = self.backbone if self.compiled_backbone is None else self.compiled_backbone
         features = backbone(images)
         out = {"logits": self.heads(features)}
         if self.box_regressor is not None:
             out["box"] = self.box_regressor(features).sigmoid()
+        if self.char_box_regressor is not None:
+            chars = self.char_box_regressor(features).sigmoid()
+            out["char_boxes"] = chars.view(len(chars), -1, 4)
         return out
+
+    def zoom_box(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The box the next crop is cut around (see ``zoom_from``), in the coordinates of
+        the read that produced ``out``."""
+        box = out["box"].float()
+        if self.zoom_from == "box":
+            return box
+        chars = out["char_boxes"].float()
+        is_digit = (out["logits"].argmax(-1) != BLANK)[..., None]
+        low = torch.where(is_digit, chars[..., :2], torch.inf).amin(1)
+        high = torch.where(is_digit, chars[..., 2:], -torch.inf).amax(1)
+        digits = torch.cat([low, high], 1)
+        return torch.where(is_digit.any(1), digits, box)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Like ``read`` on the whole image; with ``zoom_steps`` outside training, the logits
@@ -147,12 +183,19 @@ class DigitReader(nn.Module):
         out = self.read(whole)
         if not self.zoom_steps or self.training:
             return out
-        box = out["box"].float()
+        box = self.zoom_box(out)
         for _ in range(self.zoom_steps):
             region = crop_region(box, self.zoom_margin)
             crop_out = self.read(crop_boxes(images, box, self.zoom_margin, self.image_size))
-            box = box_from_crop(crop_out["box"].float(), region)
-        return {"logits": crop_out["logits"], "box": box, "first_pass_logits": out["logits"]}
+            box = box_from_crop(self.zoom_box(crop_out), region)
+        result = {"logits": crop_out["logits"], "box": box, "first_pass_logits": out["logits"]}
+        if "char_boxes" in crop_out:  # in whole-image coordinates, as the box
+            chars = crop_out["char_boxes"].float()
+            count = chars.shape[1]
+            result["char_boxes"] = box_from_crop(
+                chars.reshape(-1, 4), region.repeat_interleave(count, dim=0)
+            ).view(chars.shape)
+        return result
 
 
 # -- zoom geometry (normalised x0, y0, x1, y1 boxes) ---------------------------------------

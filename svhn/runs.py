@@ -42,7 +42,8 @@ from svhn.run_summary import (
 )
 
 COLUMNS = [
-    "run", "backbone", "recipe", "seed", "train_on", "val_held_out", "epochs", "max_epochs",
+    "run", "backbone", "recipe", "seed", "train_on", "train_images", "val_held_out", "epochs",
+    "max_epochs",
     "sessions", "train_seconds", "time_source", "best_seq_acc", "best_epoch", "last_seq_acc",
     "status", "checkpoint", "problems",
 ]
@@ -118,6 +119,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         train_on = train_on if train_on is not None else summary.get("train_on")
         val_on = data.get("val_on", summary.get("val_on", "val"))
         row["sessions"] = len(summary.get("sessions") or [])
+        # images per epoch from the data folder (extra/synthetic folders not counted)
+        row["train_images"] = (summary.get("train_images") or {}).get("data_dir")
     else:
         row["recipe"] = "not recorded"
         row["sessions"] = n_configs or None
@@ -278,6 +281,7 @@ def format_table(table: pd.DataFrame) -> str:
         "recipe": table["recipe"].fillna("-"),
         "seed": table["seed"].map(_int_text),
         "train_on": table["train_on"].fillna("-"),
+        "images": table["train_images"].map(_int_text),
         "held_out": table["val_held_out"].map(
             lambda v: "-" if pd.isna(v) else ("yes" if v else "NO")),
         "epochs": [f"{_int_text(e)}/{_int_text(m)}"
@@ -297,9 +301,10 @@ def format_table(table: pd.DataFrame) -> str:
     if table["val_held_out"].eq(False).fillna(False).any():
         lines.append("held_out NO: the run trained on its validation split, so its val scores "
                      "are not held-out scores; its checkpoint is last.ckpt (the last epoch).")
-    lines.append("epochs: trained/max_epochs; at_epoch: epoch of best_val (from 0); time_from: "
-                 "recorded = fit start to end (run_summary.json), files = config.yaml to the "
-                 "last file written.")
+    lines.append("images: training images per epoch from the data folder (extra synthetic "
+                 "ones not counted); epochs: trained/max_epochs; at_epoch: epoch of best_val "
+                 "(from 0); time_from: recorded = fit start to end (run_summary.json), "
+                 "files = config.yaml to the last file written.")
     return "\n".join(lines)
 
 
@@ -325,6 +330,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="only runs whose name matches (shell pattern, e.g. 'resnet*')")
     parser.add_argument("--json", action="store_true",
                         help="every column as a JSON list of objects")
+    parser.add_argument("--efficiency", metavar="PNG",
+                        help="also draw best and last val/seq_acc against the number of "
+                             "training images of the runs listed (e.g. --name 'real_cpu*' "
+                             "over runs with different --data.train_subset) into PNG")
     return parser.parse_args(argv)
 
 
@@ -345,6 +354,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for run, problems in zip(table["run"], table["problems"].fillna("")):
         if problems:
             print(f"svhn.runs: {run}: {problems}", file=sys.stderr)
+    if args.efficiency:
+        from svhn.plots import data_efficiency, save  # matplotlib only when a figure is asked
+
+        try:
+            save(data_efficiency(table), args.efficiency)
+        except ValueError as err:
+            print(f"svhn.runs: --efficiency: {err}", file=sys.stderr)
+            return 2
     if args.json:
         text = json.dumps(json.loads(table.to_json(orient="records")), indent=2)
     elif table.empty:

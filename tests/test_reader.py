@@ -1,9 +1,11 @@
-"""The reader (a plain nn.Module): normalisation, heads, box head and the zoom geometry."""
+"""The reader (a plain nn.Module): normalisation, heads, box and digit-box heads, the zoom
+geometry and where each crop is cut, compilation."""
 
 import pytest
 import torch
 
 import svhn.reader
+from svhn.labels import BLANK
 from svhn.reader import DigitReader, box_from_crop, crop_boxes, crop_region
 
 
@@ -112,3 +114,55 @@ def test_channels_last_reader_keeps_weights_channels_last():
     reader = DigitReader(backbone="resnet18", channels_last=True)
     weight = next(p for p in reader.backbone.parameters() if p.dim() == 4)
     assert weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_compiled_backbone_reads_like_the_eager_one_and_keeps_plain_weight_names(
+        monkeypatch):
+    # A real torch.compile wrapper (dynamo), with the eager backend: inductor's C++ build
+    # takes minutes on 2 cores. The wrapper is what refuses len() (and so "or").
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module: real_compile(module, backend="eager"))
+    torch.manual_seed(0)
+    reader = DigitReader(backbone="resnet18", image_size=(32, 64)).eval()
+    names = set(reader.state_dict())
+    images = torch.randint(0, 255, (2, 3, 32, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        eager = reader(images)["logits"]
+        reader.compile_backbone()
+        compiled = reader(images)["logits"]
+    assert reader.compiled_backbone is not None
+    torch.testing.assert_close(compiled, eager)
+    assert set(reader.state_dict()) == names
+
+
+def test_zoom_from_digits_cuts_around_the_digits_the_heads_read():
+    reader = DigitReader(backbone="simple_cnn", max_len=3, box_head=True, char_boxes=True,
+                         zoom_from="digits", zoom_steps=1, image_size=(32, 64))
+    logits = torch.full((2, 3, 11), -5.0)
+    logits[0, 0, 1] = logits[0, 1, 2] = logits[0, 2, BLANK] = 5  # "12"
+    logits[1, :, BLANK] = 5  # nothing read
+    chars = torch.tensor([[0.1, 0.2, 0.3, 0.8], [0.35, 0.25, 0.5, 0.7], [0.6, 0.1, 0.9, 0.9]])
+    box = torch.tensor([[0.05, 0.05, 0.95, 0.95]]).repeat(2, 1)
+    out = {"logits": logits, "char_boxes": chars.expand(2, 3, 4), "box": box}
+    zoom = reader.zoom_box(out)
+    torch.testing.assert_close(zoom[0], torch.tensor([0.1, 0.2, 0.5, 0.8]))
+    torch.testing.assert_close(zoom[1], box[1])  # no digit read: the box head's box
+    reader.zoom_from = "box"
+    torch.testing.assert_close(reader.zoom_box(out), box)
+
+
+def test_zoom_from_digits_without_digit_boxes_is_refused():
+    with pytest.raises(ValueError, match="char_boxes"):
+        DigitReader(box_head=True, zoom_from="digits", zoom_steps=1)
+    with pytest.raises(ValueError, match="zoom_from"):
+        DigitReader(box_head=True, char_boxes=True, zoom_from="centre", zoom_steps=1)
+
+
+def test_zoom_reader_reports_digit_boxes_in_whole_image_coordinates():
+    torch.manual_seed(0)
+    reader = DigitReader(backbone="simple_cnn", max_len=3, box_head=True, char_boxes=True,
+                         zoom_from="digits", zoom_steps=2, image_size=(32, 64)).eval()
+    with torch.no_grad():
+        out = reader(torch.randint(0, 255, (4, 3, 64, 128), dtype=torch.uint8))
+    assert out["char_boxes"].shape == (4, 3, 4)
+    assert (out["char_boxes"] >= 0).all() and (out["char_boxes"] <= 1).all()

@@ -336,3 +336,55 @@ def test_no_nan_leaks_into_json(tmp_path, capsys):
     row = json.loads(capsys.readouterr().out)[0]
     assert row["best_seq_acc"] is None and row["epochs"] is None
     assert not any(isinstance(v, float) and math.isnan(v) for v in row.values())
+
+
+# -- data efficiency: train_subset, the recorded image count, the figure -------------------
+def test_train_subset_is_fixed_nested_and_recorded_for_the_table(synthetic_data_dir,
+                                                                 image_cache_dir, tmp_path):
+    def names(count):
+        dm = SVHNDataModule(str(synthetic_data_dir), num_workers=0, train_subset=count,
+                            cache_dir=str(image_cache_dir))
+        dm.setup("fit")
+        return {n for d in dm.train_set.datasets for n in d.names}
+
+    small, large = names(20), names(50)
+    assert len(small) == 20 and len(large) == 50 and small < large
+    assert names(20) == small  # the same images on every run
+    everything = names(None)
+    with pytest.raises(ValueError, match=f"only {len(everything)} labelled images"):
+        names(len(everything) + 1)
+    with pytest.raises(ValueError, match="train_subset must be"):
+        SVHNDataModule(str(synthetic_data_dir), train_subset=0)
+
+    tiny_fit(synthetic_data_dir, image_cache_dir, tmp_path / "runs", "--data.train_subset",
+             "30", "--trainer.max_epochs", "1", "--data.extra_train",
+             f"[{synthetic_data_dir}]")
+    summary = read_run_summary(next((tmp_path / "runs").glob("*/version_0")))
+    # the extra folder is the same data in another place: counted apart, never cut
+    assert summary["train_images"] == {"data_dir": 30, "extra": len(everything)}
+    assert collect_runs(tmp_path / "runs").iloc[0]["train_images"] == 30
+
+
+def test_efficiency_figure_plots_each_run_s_score_against_its_images(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for name, images, scores in (("r500", 500, [0.2, 0.4]), ("r1000", 1000, [0.3, 0.5]),
+                                 ("r2000", 2000, [0.5, 0.6])):
+        run = fake_run(runs, name, scores)
+        (run / RUN_SUMMARY_FILE).write_text(json.dumps(
+            {"configs": [], "train_images": {"data_dir": images, "extra": 4000},
+             "sessions": [{"seconds": 10.0, "status": "finished"}]}))
+    png = tmp_path / "efficiency.png"
+    assert main([str(runs), "--efficiency", str(png)]) == 0
+    assert png.stat().st_size > 10_000
+    table = collect_runs(runs)
+    assert sorted(table["train_images"]) == [500, 1000, 2000]
+    from svhn.plots import data_efficiency
+
+    figure = data_efficiency(table)
+    line = figure.axes[0].lines[0]
+    assert list(line.get_xdata()) == [500, 1000, 2000]
+    assert list(line.get_ydata()) == [0.4, 0.5, 0.6]
+    fake_run(tmp_path / "old", "r", [0.1])  # no recorded image count: nothing to plot
+    assert main([str(tmp_path / "old"), "--efficiency", str(tmp_path / "x.png")]) == 2
+    assert "no run with a recorded number of training images" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from svhn.analysis import (
     CLASS_NAMES,
@@ -304,6 +304,7 @@ def data_efficiency(runs: pd.DataFrame) -> Figure:
     ax.set_xscale("log")
     ax.set_xticks(sorted(set(points["train_images"])))
     ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(0, 1)
     ax.set_xlabel("labelled training images")
     ax.set_ylabel("val whole-string accuracy")

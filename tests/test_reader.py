@@ -121,7 +121,14 @@ def test_a_compiled_backbone_reads_like_the_eager_one_and_keeps_plain_weight_nam
     # A real torch.compile wrapper (dynamo), with the eager backend: inductor's C++ build
     # takes minutes on 2 cores. The wrapper is what refuses len() (and so "or").
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda module: real_compile(module, backend="eager"))
+    compiled_calls = []
+
+    def compile_eagerly(module):
+        wrapper = real_compile(module, backend="eager")
+        wrapper.register_forward_pre_hook(lambda *_: compiled_calls.append(1))
+        return wrapper
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
     torch.manual_seed(0)
     reader = DigitReader(backbone="resnet18", image_size=(32, 64)).eval()
     names = set(reader.state_dict())
@@ -130,7 +137,7 @@ def test_a_compiled_backbone_reads_like_the_eager_one_and_keeps_plain_weight_nam
         eager = reader(images)["logits"]
         reader.compile_backbone()
         compiled = reader(images)["logits"]
-    assert reader.compiled_backbone is not None
+    assert reader.compiled_backbone is not None and compiled_calls  # it ran, compiled
     torch.testing.assert_close(compiled, eager)
     assert set(reader.state_dict()) == names
 
@@ -166,3 +173,40 @@ def test_zoom_reader_reports_digit_boxes_in_whole_image_coordinates():
         out = reader(torch.randint(0, 255, (4, 3, 64, 128), dtype=torch.uint8))
     assert out["char_boxes"].shape == (4, 3, 4)
     assert (out["char_boxes"] >= 0).all() and (out["char_boxes"] <= 1).all()
+
+
+def test_crop_boxes_samples_at_pixel_centres():
+    # A horizontal ramp (value = column index): a crop of the whole image at its own size
+    # reads each pixel's own value; a half-pixel misalignment (roi_align without
+    # aligned=True) would shift every crop the zoom reads by half a pixel.
+    ramp = torch.arange(32, dtype=torch.float32).expand(1, 3, 16, 32).contiguous()
+    whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    crop = crop_boxes(ramp, whole, margin=0.0, output_size=(16, 32))
+    torch.testing.assert_close(crop[..., 1:-1], ramp[..., 1:-1], atol=1e-4, rtol=0)
+
+
+def test_a_channels_last_reader_reads_as_the_channels_first_one():
+    torch.manual_seed(0)
+    plain = DigitReader(backbone="resnet18", image_size=(32, 64), box_head=True,
+                        zoom_steps=1).eval()
+    fast = DigitReader(backbone="resnet18", image_size=(32, 64), box_head=True,
+                       zoom_steps=1, channels_last=True).eval()
+    fast.load_state_dict(plain.state_dict())
+    images = torch.randint(0, 255, (2, 3, 64, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        expected, got = plain(images), fast(images)
+    torch.testing.assert_close(got["logits"], expected["logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got["box"], expected["box"], atol=1e-5, rtol=1e-5)
+
+
+def test_the_first_read_resizes_larger_images_with_antialiasing(monkeypatch):
+    # Evaluation images come at eval_scale (2x): the whole-image read must downsample them
+    # as training's resize did, with antialiasing, not by skipping pixels.
+    calls = []
+    real = svhn.reader.F.interpolate
+    monkeypatch.setattr(svhn.reader.F, "interpolate",
+                        lambda *a, **k: calls.append(k) or real(*a, **k))
+    reader = DigitReader(backbone="simple_cnn", image_size=(32, 64)).eval()
+    with torch.no_grad():
+        reader(torch.randint(0, 255, (1, 3, 64, 128), dtype=torch.uint8))
+    assert calls and calls[0]["antialias"] is True and calls[0]["size"] == (32, 64)

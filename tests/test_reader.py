@@ -209,4 +209,5 @@ def test_the_first_read_resizes_larger_images_with_antialiasing(monkeypatch):
     reader = DigitReader(backbone="simple_cnn", image_size=(32, 64)).eval()
     with torch.no_grad():
         reader(torch.randint(0, 255, (1, 3, 64, 128), dtype=torch.uint8))
-    assert calls and calls[0]["antialias"] is True and calls[0]["size"] == (32, 64)
+    assert calls and calls[0]["size"] == (32, 64)
+    assert calls[0]["antialias"] is True and calls[0]["align_corners"] is False

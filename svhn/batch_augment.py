@@ -304,7 +304,8 @@ class BatchAugment:
     def move_boxes(boxes: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:
         """Boxes through ``forward`` maps: the bounding box of the four moved corners,
         clipped to the image; a box that leaves the image becomes the whole image (as the
-        CPU path does when albumentations drops it)."""
+        CPU path does when albumentations drops it). An empty box (all zeros: a blank
+        position's digit box) stays empty."""
         if boxes.ndim == 3:  # (B, K, 4): every box of an image through its image's map
             count = boxes.shape[1]
             moved = BatchAugment.move_boxes(boxes.reshape(-1, 4),
@@ -318,7 +319,8 @@ class BatchAugment:
         empty = ((out[:, 2] - out[:, 0]) <= 0) | ((out[:, 3] - out[:, 1]) <= 0)
         whole = torch.zeros_like(out)
         whole[:, 2:] = 1
-        return torch.where(empty[:, None], whole, out)
+        out = torch.where(empty[:, None], whole, out)
+        return torch.where((x1 > x0)[:, None], out, torch.zeros_like(out))
 
     def warp(self, images: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:
         """Resample float images once through the inverse of each ``forward`` map."""

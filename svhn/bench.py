@@ -498,12 +498,12 @@ def compute_ratios(report: dict) -> list[dict]:
                 continue
             if numerator.startswith("end_to_end") and backbone not in TARGETED_END_TO_END:
                 target = None
-            entry = ratio_entry(name, backbone, results[numerator]["images_per_s"],
-                                results[denominator]["images_per_s"], target)
             if "paired" in results[numerator]:  # epochs that took turns: their ratios' median
-                entry = ratio_entry(name, backbone,
-                                    statistics.median(results[numerator]["paired"]), 1.0, target)
-            ratios.append(entry)
+                value, base = statistics.median(results[numerator]["paired"]), 1.0
+            else:
+                value, base = (results[numerator]["images_per_s"],
+                               results[denominator]["images_per_s"])
+            ratios.append(ratio_entry(name, backbone, value, base, target))
     return ratios
 
 

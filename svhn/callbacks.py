@@ -9,7 +9,6 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from svhn.data import training_images
 from svhn.run_summary import (
     final_checkpoint,
     read_run_summary,
@@ -49,8 +48,9 @@ class RunSummaryWriter(Callback):
         self.summary.setdefault("configs", self.configs)
         self.summary.update(train_on=list(train_on), val_on=val_on,
                             val_held_out=val_is_held_out(train_on, val_on))
-        if getattr(trainer.datamodule, "train_set", None) is not None:
-            self.summary["train_images"] = training_images(trainer.datamodule)
+        counts = getattr(trainer.datamodule, "training_images", None)
+        if counts is not None:
+            self.summary["train_images"] = counts
         self.summary.setdefault("sessions", []).append({
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "started_unix": time.time(), "seconds": None, "status": "started, not finished",

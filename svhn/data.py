@@ -204,9 +204,10 @@ class DigitImageDataset(Dataset):
             self.lengths = torch.tensor([len(s.digits) for s in files.samples])
             sizes = cache.original_sizes[self.cache_index]
             self.boxes = _normalised_union_boxes(files.samples, sizes)
-            self.char_boxes = _normalised_char_boxes(files.samples, sizes, max_len)
-            if not char_box_targets:
-                self.char_boxes[:] = 0  # "no box known": no loss, nothing to move
+            # Without char_box_targets: zeros, "no box known" (no loss, nothing to move).
+            self.char_boxes = (_normalised_char_boxes(files.samples, sizes, max_len)
+                               if char_box_targets else
+                               np.zeros((len(self.names), max_len, 4), dtype=np.float32))
         else:
             self.targets = torch.full((len(self.names), max_len), -100, dtype=torch.long)
             self.lengths = torch.zeros(len(self.names), dtype=torch.long)
@@ -286,28 +287,18 @@ def fixed_subset(files: SplitFiles, count: int, seed: int = 0) -> SplitFiles:
                       [files.samples[i] for i in chosen])
 
 
-def training_images(datamodule: SVHNDataModule) -> dict[str, int]:
-    """How many images one training epoch draws from the data folder's splits and from the
-    extra training folders (synthetic sets): what a data-efficiency curve is plotted against."""
-    parts = datamodule.train_set.datasets
-    from_data_dir = len(datamodule.hparams.train_on)  # setup puts these first
-    return {"data_dir": sum(len(d) for d in parts[:from_data_dir]),
-            "extra": sum(len(d) for d in parts[from_data_dir:])}
-
-
 def _normalised_char_boxes(samples: Sequence[Sample], original_sizes: np.ndarray,
                            max_len: int) -> np.ndarray:
     """(N, max_len, 4) each digit's (x0, y0, x1, y1) box normalised to its image; zeros at
     blank positions (labels longer than max_len never get here: they are left out)."""
     out = np.zeros((len(samples), max_len, 4), dtype=np.float64)
+    present = np.zeros(out.shape[:2], dtype=bool)
     for i, sample in enumerate(samples):
         for position, (left, top, width, height) in enumerate(sample.boxes[:max_len]):
             out[i, position] = (left, top, left + width, top + height)
+            present[i, position] = True
     scale = np.tile(original_sizes, 2)[:, None, :].astype(np.float64)
     out = np.clip(out / scale, 0.0, 1.0)
-    present = np.zeros(out.shape[:2], dtype=bool)
-    for i, sample in enumerate(samples):
-        present[i, :min(len(sample.digits), max_len)] = True
     # Degenerate boxes (zero area after clipping) keep a sliver, as the union box does.
     out[..., 2] = np.where(present, np.maximum(out[..., 2], out[..., 0] + 1e-3), 0.0)
     out[..., 3] = np.where(present, np.maximum(out[..., 3], out[..., 1] + 1e-3), 0.0)
@@ -484,6 +475,7 @@ class SVHNDataModule(L.LightningDataModule):
         self._listed_files: dict[str, SplitFiles] = {}  # labels read and checked
         self._checked_files: dict[str, SplitFiles] = {}  # ... and boxes against images
         self.batch_augment: BatchAugment | None = None  # set by setup("fit") when on device
+        self.training_images: dict[str, int] | None = None  # set by setup("fit")
         self._augment_epoch: int | None = None
         self.extra_train_dirs = [Path(d) for d in extra_train]
         if synthetic_extra > 0:
@@ -644,9 +636,7 @@ class SVHNDataModule(L.LightningDataModule):
             self.batch_augment.reseed(self._augment_seed())
         boxes = torch.cat([batch["box"][:, None], batch["char_boxes"]], dim=1)
         batch["image"], moved = self.batch_augment(batch["image"], boxes)
-        present = batch["char_boxes"][..., 2] > batch["char_boxes"][..., 0]
-        batch["box"] = moved[:, 0]
-        batch["char_boxes"] = torch.where(present[..., None].to(moved.device), moved[:, 1:], 0.0)
+        batch["box"], batch["char_boxes"] = moved[:, 0], moved[:, 1:]
         return batch
 
     def setup(self, stage: str | None = None) -> None:
@@ -656,12 +646,15 @@ class SVHNDataModule(L.LightningDataModule):
             self.batch_augment = BatchAugment(preset, self.image_size, self._augment_seed()
                                               ) if on_device else None
             subset = self.hparams.train_subset
-            self.train_set = TrainingSet(
-                [self.dataset(s, preset, gather_only=on_device,
-                              subset=subset if s == "train" else None)
-                 for s in self.hparams.train_on]
-                + [self.dataset("train", preset, root=root, gather_only=on_device)
-                   for root in self.extra_train_dirs])
+            own = [self.dataset(s, preset, gather_only=on_device,
+                                subset=subset if s == "train" else None)
+                   for s in self.hparams.train_on]
+            extra = [self.dataset("train", preset, root=root, gather_only=on_device)
+                     for root in self.extra_train_dirs]
+            self.train_set = TrainingSet(own + extra)
+            # What a data-efficiency curve is plotted against (svhn.runs).
+            self.training_images = {"data_dir": sum(map(len, own)),
+                                    "extra": sum(map(len, extra))}
         if stage in ("fit", "validate", "test", None):
             self.val_set = self.dataset(self.hparams.val_on)
         if stage in ("predict", None):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import PLAIN_MODEL
+from lightning.pytorch.callbacks import ModelSummary
 
 from svhn import inference
 from svhn.checkpoints import CheckpointError, load_reader, read_checkpoint
@@ -185,3 +186,159 @@ def test_a_previous_format_checkpoint_validates_through_the_fit_cli(synthetic_da
     expected = torch.load(legacy, weights_only=False)["state_dict"]
     name = next(k for k in expected if k.startswith("heads."))
     assert torch.equal(cli.model.reader.state_dict()[name], expected[name])
+
+
+def test_views_move_and_zoom_the_image_about_its_centre():
+    columns = torch.arange(40.0).expand(2, 3, 8, 40)  # each pixel holds its column index
+    rows = torch.arange(8.0)[:, None].expand(2, 3, 8, 40)  # ... or its row index
+    moved = inference._affine_view(shift_x=0.1)  # 0.1 of the width: 4 columns right
+    torch.testing.assert_close(moved(columns)[..., 4:], columns[..., :-4], atol=1e-4, rtol=0)
+    torch.testing.assert_close(moved(rows), rows, atol=1e-4, rtol=0)  # rows stay
+    zoomed = inference._affine_view(scale=2.0)  # twice as large about the centre
+    column, row = torch.arange(40.0), torch.arange(8.0)
+    torch.testing.assert_close(zoomed(columns)[1, 2, 0], 19.5 + (column - 19.5) / 2,
+                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(zoomed(rows)[1, 2, :, 0], 3.5 + (row - 3.5) / 2, atol=1e-4,
+                               rtol=0)
+    wide = torch.arange(100.0).expand(1, 1, 4, 100)
+    left = inference.VIEWS["shift_left"](wide)
+    torch.testing.assert_close(left[..., :-4], wide[..., 4:], atol=1e-3, rtol=0)
+    closer = inference.VIEWS["zoom_in"](wide)[0, 0, 0]
+    assert closer[0] > 1.0 and closer[-1] < 98.0  # the edges move out of view
+    farther = inference.VIEWS["zoom_out"](wide)[0, 0, 0]
+    assert farther[0] == 0.0 and farther[-1] == 99.0  # the border repeats, no black edge
+
+
+def tiny_val_folder(root: Path, count: int = 5) -> Path:
+    """A competition folder whose val split holds ``count`` noise images of varied sizes,
+    labelled ``[i % 10, 3]``, written in reverse name order."""
+    import json
+
+    from PIL import Image
+
+    (root / "mchar_val").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    entries = {}
+    for i in reversed(range(count)):
+        width, height = int(rng.integers(40, 90)), int(rng.integers(20, 50))
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "mchar_val" / f"{i:06d}.png")
+        entries[f"{i:06d}.png"] = {"label": [i % 10, 3], "left": [2, 10], "top": [2, 3],
+                                   "width": [8, 8], "height": [15, 15]}
+    (root / "mchar_val.json").write_text(json.dumps(entries))
+    return root
+
+
+def reader_outputs(checkpoint: Path, data_dir: Path, cache_dir: Path) -> dict:
+    """The checkpoint's reader applied directly to the split's evaluation images."""
+    contents = read_checkpoint(checkpoint)
+    data = inference.evaluation_datamodule(contents, data_dir, "val", cache_dir=cache_dir)
+    data.setup("predict")
+    items = [data.predict_set[i] for i in range(len(data.predict_set))]
+    with torch.inference_mode():
+        out = load_reader(contents)(torch.stack([item["image"] for item in items]))
+    return {"names": [item["file_name"] for item in items],
+            "probs": out["logits"].float().softmax(-1), "box": out.get("box")}
+
+
+def test_predict_split_returns_each_reader_s_reading_in_file_name_order(tmp_path):
+    data_dir = tiny_val_folder(tmp_path / "mchar")
+    plain, zoom = tmp_path / "plain.ckpt", tmp_path / "zoom.ckpt"
+    write_format_1_checkpoint(plain, "legacy_plain")
+    write_format_1_checkpoint(zoom, "legacy_zoom")
+    names = [f"{i:06d}.png" for i in range(5)]
+    options = {"batch_size": 2, "cache_dir": tmp_path / "cache", "accelerator": "cpu"}
+    expected = {path: reader_outputs(path, data_dir, tmp_path / "cache") for path in
+                (plain, zoom)}
+    for path in (plain, zoom):
+        assert expected[path]["names"] == names
+        got = inference.predict_split([path], data_dir, "val", **options)
+        assert got.file_names == names and got.targets is None and len(got) == 5
+        torch.testing.assert_close(got.probs, expected[path]["probs"], atol=1e-5, rtol=0)
+        if path == zoom:
+            torch.testing.assert_close(got.boxes, expected[zoom]["box"], atol=1e-5, rtol=0)
+        else:
+            assert got.boxes is None
+    labelled = inference.predict_split([plain], data_dir, "val", labelled=True, **options)
+    assert labelled.targets.tolist() == [[i % 10, 3, 10, 10, 10] for i in range(5)]
+    both = inference.predict_split([plain, zoom], data_dir, "val", **options)
+    mean = (expected[plain]["probs"] + expected[zoom]["probs"]) / 2
+    torch.testing.assert_close(both.probs, mean, atol=1e-5, rtol=0)
+    assert both.boxes is None  # not every member has a box
+    assert both.checkpoints == [plain, zoom] and both.split == "val"
+    twice = inference.predict_split([zoom, zoom], data_dir, "val", **options)
+    torch.testing.assert_close(twice.boxes, expected[zoom]["box"], atol=1e-5, rtol=0)
+    tta = inference.predict_split([plain], data_dir, "val", views=inference.TTA_VIEWS,
+                                  **options)
+    per_view = [inference.predict_split([plain], data_dir, "val", views=(view,), **options)
+                for view in inference.TTA_VIEWS]
+    torch.testing.assert_close(tta.probs, torch.stack([v.probs for v in per_view]).mean(0),
+                               atol=1e-5, rtol=0)
+    assert not torch.allclose(tta.probs, expected[plain]["probs"], atol=1e-4)
+
+
+def test_the_evaluation_data_module_takes_the_checkpoint_s_settings(tmp_path):
+    data_dir = tiny_val_folder(tmp_path / "mchar")
+    path = tmp_path / "zoom.ckpt"
+    write_format_1_checkpoint(path, "legacy_zoom")
+    raw = torch.load(path, weights_only=False)  # settings other than the defaults
+    raw["hyper_parameters"]["max_len"] = 4
+    raw["datamodule_hyper_parameters"]["image_size"] = (48, 96)
+    torch.save(raw, path)
+    contents = read_checkpoint(path)
+    data = inference.evaluation_datamodule(contents, data_dir, "val",
+                                           cache_dir=tmp_path / "cache")
+    settings = data.hparams
+    assert (settings.cache_scale, settings.eval_scale) == (2.0, 2.0)
+    assert tuple(settings.image_size) == (48, 96) and settings.max_len == 4
+    assert settings.augment == "none" and not settings.predict_labelled
+    data.setup("predict")
+    assert data.predict_set[0]["image"].shape == (3, 96, 192)  # read at eval_scale
+    assert any((tmp_path / "cache").iterdir())  # the cache went where it was told
+    assert inference.evaluation_datamodule(contents, data_dir, "val").hparams.cache_dir is None
+
+
+def test_the_prediction_trainer_runs_as_asked_and_writes_nothing(tmp_path):
+    trainer = inference.build_trainer("cpu", 1, None, "bf16-mixed", limit_batches=3,
+                                      progress_bar=False)
+    assert trainer.precision == "bf16-mixed" and trainer.num_devices == 1
+    assert trainer.logger is None and trainer.checkpoint_callback is None
+    assert trainer.limit_predict_batches == 3 and trainer.progress_bar_callback is None
+    assert not any(isinstance(c, ModelSummary) for c in trainer.callbacks)
+    assert not any(tmp_path.iterdir())
+    marker = ModelSummary()  # any callback given (the benchmark's timer) is used
+    default = inference.build_trainer(callbacks=[marker])
+    assert marker in default.callbacks and default.progress_bar_callback is not None
+    assert default.precision == "32-true" and default.num_devices == 1
+
+
+def test_each_checkpoint_runs_in_its_validation_precision_unless_told(tmp_path, monkeypatch,
+                                                                        capsys):
+    data_dir = tiny_val_folder(tmp_path / "mchar", count=2)
+    path = tmp_path / "plain.ckpt"
+    write_format_1_checkpoint(path, "legacy_plain")
+    raw = torch.load(path, weights_only=False)
+    torch.save({**raw, "trainer_precision": "bf16-mixed"}, path)
+    built, loaded = [], []
+    real_trainer, real_reader = inference.build_trainer, inference.load_reader
+    monkeypatch.setattr(inference, "build_trainer",
+                        lambda *a, **k: built.append(a) or real_trainer("cpu", 1, None, a[3]))
+    monkeypatch.setattr(inference, "load_reader",
+                        lambda c, channels_last=None: loaded.append(channels_last)
+                        or real_reader(c, channels_last=channels_last))
+    inference.predict_split([path], data_dir, "val", cache_dir=tmp_path / "cache",
+                            accelerator="cpu", strategy="ddp_spawn", channels_last=True)
+    assert built[-1] == ("cpu", 1, "ddp_spawn", "bf16-mixed") and loaded[-1] is True
+    assert "in bf16-mixed (as validated)" in capsys.readouterr().out
+    inference.predict_split([path], data_dir, "val", cache_dir=tmp_path / "cache",
+                            precision="32-true")
+    assert built[-1][3] == "32-true" and loaded[-1] is None
+    assert "in 32-true (as given)" in capsys.readouterr().out
+
+
+def test_only_the_first_process_of_a_distributed_run_writes(monkeypatch):
+    assert inference.is_global_zero()  # not distributed: this process writes
+    monkeypatch.setattr(inference.dist, "is_initialized", lambda: True)
+    for rank, writes in ((0, True), (1, False), (2, False)):
+        monkeypatch.setattr(inference.dist, "get_rank", lambda rank=rank: rank)
+        assert inference.is_global_zero() is writes

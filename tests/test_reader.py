@@ -6,7 +6,7 @@ import torch
 
 import svhn.reader
 from svhn.labels import BLANK
-from svhn.reader import DigitReader, box_from_crop, crop_boxes, crop_region
+from svhn.reader import DigitHeads, DigitReader, box_from_crop, crop_boxes, crop_region
 
 
 def test_reader_reads_without_lightning():
@@ -185,6 +185,29 @@ def test_crop_boxes_samples_at_pixel_centres():
     torch.testing.assert_close(crop[..., 1:-1], ramp[..., 1:-1], atol=1e-4, rtol=0)
 
 
+def test_a_shrinking_crop_averages_two_by_two_bilinear_samples_per_output_pixel():
+    # When a crop is read smaller than it is (the zoom's first crops of a 2x image), each
+    # output pixel is the mean of 2x2 bilinear samples spread over its cell, as training's
+    # crops were made; on noise, any other sampling (adaptive, 3x3, one sample) differs.
+    torch.manual_seed(0)
+    height, width, out_h, out_w = 40, 60, 4, 6
+    image = torch.rand(1, 1, height, width)
+    box = torch.tensor([[0.1, 0.1, 0.9, 0.9]])  # pixels 6..54 x 4..36: 8-pixel cells
+    x0, y0, x1, y1 = 6.0, 4.0, 54.0, 36.0
+    offsets = torch.tensor([0.25, 0.75])  # two samples per cell side, at its quarters
+    xs = x0 + (torch.arange(out_w)[:, None] + offsets) * (x1 - x0) / out_w - 0.5
+    ys = y0 + (torch.arange(out_h)[:, None] + offsets) * (y1 - y0) / out_h - 0.5
+    # bilinear samples at pixel coordinates (pixel centres at integers, after aligned's -0.5)
+    grid_x = (xs.flatten() / (width - 1)) * 2 - 1
+    grid_y = (ys.flatten() / (height - 1)) * 2 - 1
+    grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], dim=-1)
+    samples = torch.nn.functional.grid_sample(image, grid[None], mode="bilinear",
+                                              align_corners=True)
+    expected = samples.view(out_h, 2, out_w, 2).mean(dim=(1, 3))
+    crop = crop_boxes(image, box, margin=0.0, output_size=(out_h, out_w))
+    torch.testing.assert_close(crop[0, 0], expected, atol=1e-5, rtol=0)
+
+
 def test_a_channels_last_reader_reads_as_the_channels_first_one():
     torch.manual_seed(0)
     plain = DigitReader(backbone="resnet18", image_size=(32, 64), box_head=True,
@@ -211,3 +234,21 @@ def test_the_first_read_resizes_larger_images_with_antialiasing(monkeypatch):
         reader(torch.randint(0, 255, (1, 3, 64, 128), dtype=torch.uint8))
     assert calls and calls[0]["size"] == (32, 64)
     assert calls[0]["antialias"] is True and calls[0]["align_corners"] is False
+
+
+def test_heads_share_a_hidden_layer_only_when_asked():
+    plain = DigitHeads(8, 2)
+    assert isinstance(plain.shared, torch.nn.Identity) and plain.dropout.p == 0.0
+    hidden = DigitHeads(8, 3, hidden_dim=16, dropout=0.25)
+    layers = list(hidden.shared)
+    assert [type(layer) for layer in layers] == [torch.nn.Dropout, torch.nn.Linear,
+                                                  torch.nn.ReLU]
+    assert layers[0].p == 0.25 and (layers[1].in_features, layers[1].out_features) == (8, 16)
+    assert [head.in_features for head in hidden.heads] == [16, 16, 16]
+    assert hidden.eval()(torch.randn(4, 8)).shape == (4, 3, 11)
+
+
+def test_the_reader_s_dropout_reaches_its_heads():
+    reader = DigitReader(backbone="simple_cnn", image_size=(32, 64), dropout=0.3,
+                         hidden_dim=32)
+    assert reader.heads.dropout.p == 0.3 and reader.heads.shared[0].p == 0.3

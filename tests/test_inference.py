@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from conftest import PLAIN_MODEL
 from lightning.pytorch.callbacks import ModelSummary
+from PIL import Image
 
 from svhn import inference
 from svhn.checkpoints import CheckpointError, load_reader, read_checkpoint
@@ -212,10 +214,6 @@ def test_views_move_and_zoom_the_image_about_its_centre():
 def tiny_val_folder(root: Path, count: int = 5) -> Path:
     """A competition folder whose val split holds ``count`` noise images of varied sizes,
     labelled ``[i % 10, 3]``, written in reverse name order."""
-    import json
-
-    from PIL import Image
-
     (root / "mchar_val").mkdir(parents=True)
     rng = np.random.default_rng(0)
     entries = {}

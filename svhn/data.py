@@ -199,21 +199,20 @@ class DigitImageDataset(Dataset):
         self.names = [p.name for p in files.image_paths]
         position = {p.name: i for i, p in enumerate(cache.paths)}
         self.cache_index = np.array([position[name] for name in self.names], dtype=np.int64)
+        # Zeros: "no box known" (no loss, nothing to move) unless char_box_targets asks.
+        self.char_boxes = np.zeros((len(self.names), max_len, 4), dtype=np.float32)
         if files.samples is not None:
             self.targets = torch.tensor([encode_label(s.digits, max_len) for s in files.samples])
             self.lengths = torch.tensor([len(s.digits) for s in files.samples])
             sizes = cache.original_sizes[self.cache_index]
             self.boxes = _normalised_union_boxes(files.samples, sizes)
-            # Without char_box_targets: zeros, "no box known" (no loss, nothing to move).
-            self.char_boxes = (_normalised_char_boxes(files.samples, sizes, max_len)
-                               if char_box_targets else
-                               np.zeros((len(self.names), max_len, 4), dtype=np.float32))
+            if char_box_targets:
+                self.char_boxes = _normalised_char_boxes(files.samples, sizes, max_len)
         else:
             self.targets = torch.full((len(self.names), max_len), -100, dtype=torch.long)
             self.lengths = torch.zeros(len(self.names), dtype=torch.long)
             self.boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32),
                                  (len(self.names), 1))
-            self.char_boxes = np.zeros((len(self.names), max_len, 4), dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -266,14 +265,20 @@ class DigitImageDataset(Dataset):
         }
 
 
-def _normalised_union_boxes(samples: Sequence[Sample], original_sizes: np.ndarray) -> np.ndarray:
-    boxes = np.array([s.union_box() for s in samples], dtype=np.float64)
-    scale = np.concatenate([original_sizes, original_sizes], axis=1).astype(np.float64)
+def _unit_boxes(boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """(..., 4) pixel (x0, y0, x1, y1) boxes divided by their image's (width, height) (``sizes``
+    broadcast against ``boxes[..., :2]``) and clipped to the image."""
+    scale = np.concatenate([sizes, sizes], axis=-1).astype(np.float64)
     boxes = np.clip(boxes / scale, 0.0, 1.0)
     # Degenerate boxes (zero area after clipping) would be dropped by albumentations.
-    boxes[:, 2] = np.maximum(boxes[:, 2], boxes[:, 0] + 1e-3)
-    boxes[:, 3] = np.maximum(boxes[:, 3], boxes[:, 1] + 1e-3)
-    return np.clip(boxes, 0.0, 1.0).astype(np.float32)
+    boxes[..., 2] = np.maximum(boxes[..., 2], boxes[..., 0] + 1e-3)
+    boxes[..., 3] = np.maximum(boxes[..., 3], boxes[..., 1] + 1e-3)
+    return np.clip(boxes, 0.0, 1.0)
+
+
+def _normalised_union_boxes(samples: Sequence[Sample], original_sizes: np.ndarray) -> np.ndarray:
+    boxes = np.array([s.union_box() for s in samples], dtype=np.float64)
+    return _unit_boxes(boxes, original_sizes).astype(np.float32)
 
 
 def fixed_subset(files: SplitFiles, count: int, seed: int = 0) -> SplitFiles:
@@ -297,12 +302,8 @@ def _normalised_char_boxes(samples: Sequence[Sample], original_sizes: np.ndarray
         for position, (left, top, width, height) in enumerate(sample.boxes[:max_len]):
             out[i, position] = (left, top, left + width, top + height)
             present[i, position] = True
-    scale = np.tile(original_sizes, 2)[:, None, :].astype(np.float64)
-    out = np.clip(out / scale, 0.0, 1.0)
-    # Degenerate boxes (zero area after clipping) keep a sliver, as the union box does.
-    out[..., 2] = np.where(present, np.maximum(out[..., 2], out[..., 0] + 1e-3), 0.0)
-    out[..., 3] = np.where(present, np.maximum(out[..., 3], out[..., 1] + 1e-3), 0.0)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    out = _unit_boxes(out, original_sizes[:, None, :])
+    return np.where(present[..., None], out, 0.0).astype(np.float32)
 
 
 def fallback_notice(synthetic_size: int) -> str:

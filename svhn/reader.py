@@ -190,11 +190,7 @@ class DigitReader(nn.Module):
             box = box_from_crop(self.zoom_box(crop_out), region)
         result = {"logits": crop_out["logits"], "box": box, "first_pass_logits": out["logits"]}
         if "char_boxes" in crop_out:  # in whole-image coordinates, as the box
-            chars = crop_out["char_boxes"].float()
-            count = chars.shape[1]
-            result["char_boxes"] = box_from_crop(
-                chars.reshape(-1, 4), region.repeat_interleave(count, dim=0)
-            ).view(chars.shape)
+            result["char_boxes"] = box_from_crop(crop_out["char_boxes"].float(), region)
         return result
 
 
@@ -209,9 +205,13 @@ def crop_region(boxes: torch.Tensor, margin: float, min_size: float = 0.1) -> to
 
 
 def box_from_crop(boxes: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-    """Boxes predicted inside crops of ``regions`` -> normalised whole-image coordinates."""
-    origin, extent = regions[:, :2], regions[:, 2:] - regions[:, :2]
-    return torch.cat([origin + boxes[:, :2] * extent, origin + boxes[:, 2:] * extent], dim=1)
+    """Boxes predicted inside crops of ``regions`` (B, 4) -> normalised whole-image
+    coordinates; ``boxes`` (B, 4), or (B, K, 4): K boxes per crop."""
+    if boxes.ndim == 3:
+        regions = regions[:, None]
+    origin, extent = regions[..., :2], regions[..., 2:] - regions[..., :2]
+    return torch.cat([origin + boxes[..., :2] * extent, origin + boxes[..., 2:] * extent],
+                     dim=-1)
 
 
 def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, margin: float,

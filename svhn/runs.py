@@ -43,9 +43,8 @@ from svhn.run_summary import (
 
 COLUMNS = [
     "run", "backbone", "recipe", "seed", "train_on", "train_images", "val_held_out", "epochs",
-    "max_epochs",
-    "sessions", "train_seconds", "time_source", "best_seq_acc", "best_epoch", "last_seq_acc",
-    "status", "checkpoint", "problems",
+    "max_epochs", "sessions", "train_seconds", "time_source", "best_seq_acc", "best_epoch",
+    "last_seq_acc", "status", "checkpoint", "problems",
 ]
 SCORE_COLUMNS = ("best_seq_acc", "last_seq_acc")  # sorted best first
 SORT_ALIASES = {"best": "best_seq_acc", "score": "best_seq_acc", "last": "last_seq_acc",

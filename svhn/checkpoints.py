@@ -122,16 +122,23 @@ def reader_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_reader(checkpoint: str | Path | CheckpointContents,
-                channels_last: bool | None = None) -> DigitReader:
+                channels_last: bool | None = None, zoom_search: bool | None = None
+                ) -> DigitReader:
     """The trained reader of a checkpoint, in eval mode on the CPU: no Lightning, no
     network (its pretrained weights are in the file). ``channels_last`` overrides the
-    memory format it was trained with."""
+    memory format it was trained with, ``zoom_search`` its search setting (None: as saved)."""
     contents = checkpoint if isinstance(checkpoint, CheckpointContents) else \
         read_checkpoint(checkpoint)
     arguments = reader_arguments(contents.model)
     arguments.update(pretrained=False, pretrained_weights=None)
     if channels_last is not None:
         arguments["channels_last"] = channels_last
+    if zoom_search is not None:
+        if zoom_search and not arguments.get("zoom_steps"):
+            raise CheckpointError(f"{contents.path}: zoom search needs a reader that zooms "
+                                  "(trained with box_head and zoom_steps > 0, e.g. "
+                                  "configs/real_cpu.yaml); drop --zoom_search for this one.")
+        arguments["zoom_search"] = zoom_search
     reader = DigitReader(**arguments)
     try:
         reader.load_state_dict(reader_weights(contents.state_dict))

@@ -318,6 +318,9 @@ def final_summary(trainer, model: DigitSequenceModel, datamodule: SVHNDataModule
         last = trainer.callback_metrics.get("val/seq_acc")
         score = [f"val/seq_acc at the last epoch: {_score(last)} (not held out)",
                  not_held_out_message(train_on, val_on)]
+    if model.reader.zoom_search:
+        score.append("(read with one zoom chain during training; svhn.predict runs the zoom "
+                     "search, which reads better)")
     if not datamodule.uses_synthetic_fallback:
         return "\n".join(["", f"{trained}.", *score, f"Checkpoint ({why}): {checkpoint}",
                           f"Predict: {predict}"])

@@ -227,13 +227,14 @@ def predict_split(
     views: Sequence[str] = PLAIN_VIEWS, batch_size: int = 128, num_workers: int | None = 0,
     accelerator: str = "auto", devices: int | str | list[int] = 1, strategy: str | None = None,
     precision: str | None = None, channels_last: bool | None = None,
-    cache_dir: str | Path | None = None, labelled: bool = False,
+    zoom_search: bool | None = None, cache_dir: str | Path | None = None,
+    labelled: bool = False,
 ) -> Predictions:
     """Average the probabilities of one or more checkpoints (and views) over a split.
 
     ``precision`` None runs each checkpoint in the precision its validation ran in (what
     the score in its file name was measured with); ``channels_last`` None keeps each
-    checkpoint's memory format.
+    checkpoint's memory format, ``zoom_search`` None its search setting.
     """
     paths = [Path(p) for p in checkpoints]
     if not paths:
@@ -251,7 +252,8 @@ def predict_split(
         datamodule = evaluation_datamodule(content, data_dir, split, batch_size=batch_size,
                                            num_workers=num_workers, cache_dir=cache_dir,
                                            labelled=labelled)
-        reader = load_reader(content, channels_last=channels_last)
+        reader = load_reader(content, channels_last=channels_last,
+                             zoom_search=zoom_search)
         if is_global_zero():
             source = "as given" if precision else "as validated"
             print(f"Reading {split} with {content.path.name} in {run_precision} ({source}).",

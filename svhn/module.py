@@ -36,7 +36,7 @@ STAGES = ("train", "val", "test")
 class DigitSequenceModel(L.LightningModule):
     """Trains a ``DigitReader``; ``reader_args`` are its arguments (backbone, pretrained,
     pretrained_weights, max_len, image_size, hidden_dim, dropout, feature_grid, box_head,
-    zoom_steps, zoom_margin, channels_last: see ``svhn.reader.DigitReader``).
+    zoom_steps, zoom_margin, zoom_search, channels_last: see ``svhn.reader.DigitReader``).
 
     Training args:
         label_smoothing: cross-entropy label smoothing.
@@ -130,7 +130,9 @@ class DigitSequenceModel(L.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------
     def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
-        out = self.reader(batch["image"])
+        # One zoom chain in validation: the search (zoom_search) would cost 29x; svhn.predict
+        # runs it.
+        out = self.reader(batch["image"], search=False)
         logits, targets = out["logits"], batch["target"]
         loss = F.cross_entropy(logits.reshape(-1, NUM_CLASSES).float(), targets.reshape(-1),
                                label_smoothing=self.hparams.label_smoothing)

@@ -168,6 +168,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "GPUs; 16-mixed: GPUs")
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                         help="memory format for the convolutions (default: as trained)")
+    parser.add_argument("--zoom_search", action=argparse.BooleanOptionalAction, default=None,
+                        help="start zoom chains from a grid of windows too and take the "
+                             "reading most of them agree on (default: as trained; on in "
+                             "configs/real_cpu.yaml). 29x the crop reads")
     parser.add_argument("--tta", action="store_true",
                         help=f"average the views {', '.join(TTA_VIEWS)}")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -199,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size, num_workers=args.num_workers,
             accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
             precision=args.precision, channels_last=args.channels_last,
-            cache_dir=args.cache_dir,
+            zoom_search=args.zoom_search, cache_dir=args.cache_dir,
         )
     except (CheckpointError, DataError, LabelFileError, FileExistsError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)

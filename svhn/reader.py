@@ -4,8 +4,10 @@
 feeding ``max_len`` parallel per-character heads, and optionally a box head that predicts
 where the digits are. With ``zoom_steps > 0`` it reads the whole image, then reads again
 ``zoom_steps`` times on a crop around the box it found, each crop cut around the box the
-previous crop predicted; the last crop's reading is the answer. No Lightning here: training
-lives in ``svhn.module``, prediction in ``svhn.inference``.
+previous crop predicted (a zoom chain); the last crop's reading is the answer. With
+``zoom_search`` it also starts chains from a fixed grid of windows and answers with the
+reading most chains agree on. No Lightning here: training lives in ``svhn.module``,
+prediction in ``svhn.inference``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from torchvision.ops import roi_align
 
 from svhn.backbones import create_backbone, input_normalization
 from svhn.images import DEFAULT_IMAGE_SIZE
-from svhn.labels import BLANK, DEFAULT_MAX_LEN, NUM_CLASSES
+from svhn.labels import BLANK, DEFAULT_MAX_LEN, NUM_CLASSES, canonical_predictions
 from svhn.transforms import ZOOM_CROP_MARGIN
 
 ZOOM_FROM = ("box", "digits")
+# Where ``zoom_search`` starts its extra chains: a 3x3 grid of window centres (normalised x,
+# y) at three window sizes (width, height), 27 windows besides the two predicted boxes.
+SEARCH_CENTRES = ((0.25, 0.5, 0.75), (0.3, 0.5, 0.7))
+SEARCH_SIZES = ((0.7, 0.8), (0.5, 0.6), (0.3, 0.45))
 
 
 class DigitHeads(nn.Module):
@@ -71,6 +77,13 @@ class DigitReader(nn.Module):
             the box head). Train with the ``zoom`` augmentation so such crops are familiar.
         zoom_margin: each crop grows the predicted box by this fraction of its size per side
             (default: the margin of the ``zoom`` augmentation's tight crops).
+        zoom_search: when predicting, also start zoom chains from the box head's box and
+            from ``search_windows()`` (29 chains in all, each ``zoom_steps`` reads) and
+            answer with the reading most of them agree on, each chain's vote weighted by
+            its reading's probability (``vote``). A number the first read missed (a small
+            one in a wide scene, a door or lamp read instead) is still found by the chains
+            that start near it. Costs 29x the crop reads; validation during ``svhn.fit``
+            reads one chain (``forward(search=False)``).
         channels_last: feed the convolutions channels-last (faster on GPUs, and on CPUs with
             AMX under bf16).
     """
@@ -90,6 +103,7 @@ class DigitReader(nn.Module):
         zoom_from: str = "box",
         zoom_steps: int = 0,
         zoom_margin: float = ZOOM_CROP_MARGIN,
+        zoom_search: bool = False,
         channels_last: bool = False,
     ):
         super().__init__()
@@ -98,6 +112,9 @@ class DigitReader(nn.Module):
         if zoom_steps and not box_head:
             raise ValueError("zoom_steps > 0 needs box_head: true (the box says where to zoom); "
                              "configs/zoom.yaml sets both: --config configs/zoom.yaml.")
+        if zoom_search and not zoom_steps:
+            raise ValueError("zoom_search needs zoom_steps > 0 (it runs zoom chains from many "
+                             "starting windows).")
         if zoom_from not in ZOOM_FROM:
             raise ValueError(f"zoom_from {zoom_from!r}: choose one of {ZOOM_FROM}.")
         if zoom_from == "digits" and not (char_boxes and box_head):
@@ -108,6 +125,7 @@ class DigitReader(nn.Module):
         self.zoom_from = zoom_from
         self.zoom_steps = zoom_steps
         self.zoom_margin = zoom_margin
+        self.zoom_search = zoom_search
         self.channels_last = channels_last
         self.backbone = create_backbone(backbone, pretrained, pretrained_weights, feature_grid)
         features = self.backbone.num_features
@@ -171,10 +189,26 @@ class DigitReader(nn.Module):
         digits = torch.cat([low, high], 1)
         return torch.where(is_digit.any(1), digits, box)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def zoom_chain(self, images: torch.Tensor, box: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``zoom_steps`` crop reads of normalised full-size ``images``, the first cut around
+        ``box``, each next one around the box the last read found: the last read's
+        ``logits``, its ``box`` and ``char_boxes`` in whole-image coordinates."""
+        for _ in range(self.zoom_steps):
+            region = crop_region(box, self.zoom_margin)
+            out = self.read(crop_boxes(images, box, self.zoom_margin, self.image_size))
+            box = box_from_crop(self.zoom_box(out), region)
+        result = {"logits": out["logits"], "box": box}
+        if "char_boxes" in out:
+            result["char_boxes"] = box_from_crop(out["char_boxes"].float(), region)
+        return result
+
+    def forward(self, images: torch.Tensor, search: bool | None = None
+                ) -> dict[str, torch.Tensor]:
         """Like ``read`` on the whole image; with ``zoom_steps`` outside training, the logits
-        come from the last crop read, ``box`` is the last box predicted (whole-image
-        coordinates) and ``first_pass_logits`` keeps the whole-image read's."""
+        come from the last crop read of a zoom chain (the one ``vote`` picks when
+        ``search``, default ``zoom_search``, runs many), ``box`` and ``char_boxes`` are its
+        last ones (whole-image coordinates) and ``first_pass_logits`` keeps the whole-image
+        read's."""
         images = self.normalize(images)
         whole = images
         if tuple(images.shape[-2:]) != self.image_size:
@@ -183,15 +217,41 @@ class DigitReader(nn.Module):
         out = self.read(whole)
         if not self.zoom_steps or self.training:
             return out
-        box = self.zoom_box(out)
-        for _ in range(self.zoom_steps):
-            region = crop_region(box, self.zoom_margin)
-            crop_out = self.read(crop_boxes(images, box, self.zoom_margin, self.image_size))
-            box = box_from_crop(self.zoom_box(crop_out), region)
-        result = {"logits": crop_out["logits"], "box": box, "first_pass_logits": out["logits"]}
-        if "char_boxes" in crop_out:  # in whole-image coordinates, as the box
-            result["char_boxes"] = box_from_crop(crop_out["char_boxes"].float(), region)
+        starts = [self.zoom_box(out)]
+        if self.zoom_search if search is None else search:
+            windows = search_windows().to(images.device)
+            starts += [out["box"].float(), *windows[:, None].expand(-1, len(images), 4)]
+        chains = [self.zoom_chain(images, start) for start in starts]
+        winner = vote(torch.stack([chain["logits"] for chain in chains]))
+        rows = torch.arange(len(images), device=images.device)
+        result = {key: torch.stack([chain[key] for chain in chains])[winner, rows]
+                  for key in chains[0]}
+        result["first_pass_logits"] = out["logits"]
         return result
+
+
+def search_windows() -> torch.Tensor:
+    """The (27, 4) normalised windows ``zoom_search`` starts chains from, clipped to the
+    image: every size of SEARCH_SIZES at every centre of the SEARCH_CENTRES grid."""
+    xs, ys = SEARCH_CENTRES
+    windows = [(x - w / 2, y - h / 2, x + w / 2, y + h / 2)
+               for w, h in SEARCH_SIZES for x in xs for y in ys]
+    return torch.tensor(windows).clamp(0, 1)
+
+
+def vote(logits: torch.Tensor) -> torch.Tensor:
+    """The winning chain of each image from (K, B, max_len, 11) chain logits: the reading
+    (as the submission writes it) with the largest summed probability over the chains that
+    read it, each chain's probability the product of its positions' top probabilities; of
+    the chains that read the winner, the most probable one. (B,) chain indices."""
+    chains, batch = logits.shape[:2]
+    probs = logits.float().softmax(-1)
+    readings = canonical_predictions(probs.flatten(0, 1)).view(chains, batch, -1)
+    confidence = probs.amax(-1).prod(-1)  # (K, B)
+    agree = (readings[:, None] == readings[None]).all(-1)  # (K, K, B)
+    support = (agree * confidence[None]).sum(1)  # (K, B): all the chains that read as k does
+    best = support == support.amax(0, keepdim=True)
+    return torch.where(best, confidence, -1.0).argmax(0)
 
 
 # -- zoom geometry (normalised x0, y0, x1, y1 boxes) ---------------------------------------

@@ -196,8 +196,9 @@ CONFIG_MEANS = {
                       "data.image_size": [96, 192], "data.cache_scale": 1.0,
                       "data.eval_scale": 1.0, "data.augment": "strong"},
     "real_cpu.yaml": {"model.backbone": "resnet18", "model.feature_grid": [2, 4],
-                      "model.zoom_steps": 3, "data.image_size": [64, 128],
-                      "data.augment": "zoom", "data.batch_size": 64},
+                      "model.zoom_steps": 3, "model.zoom_search": True,
+                      "data.image_size": [64, 128], "data.augment": "zoom",
+                      "data.batch_size": 64},
     "default.yaml": {"model.backbone": "vgg", "model.zoom_steps": 2, "data.data_dir": None,
                      "data.augment": "zoom_plain", "data.synthetic_fallback": True},
 }

@@ -12,7 +12,7 @@ from conftest import PLAIN_MODEL
 from lightning.pytorch.callbacks import ModelSummary
 from PIL import Image
 
-from svhn import inference
+from svhn import inference, predict
 from svhn.checkpoints import CheckpointError, load_reader, read_checkpoint
 from svhn.images import DEFAULT_IMAGE_SIZE
 from svhn.reader import DigitReader
@@ -227,14 +227,16 @@ def tiny_val_folder(root: Path, count: int = 5) -> Path:
     return root
 
 
-def reader_outputs(checkpoint: Path, data_dir: Path, cache_dir: Path) -> dict:
+def reader_outputs(checkpoint: Path, data_dir: Path, cache_dir: Path,
+                   zoom_search: bool | None = None) -> dict:
     """The checkpoint's reader applied directly to the split's evaluation images."""
     contents = read_checkpoint(checkpoint)
     data = inference.evaluation_datamodule(contents, data_dir, "val", cache_dir=cache_dir)
     data.setup("predict")
     items = [data.predict_set[i] for i in range(len(data.predict_set))]
+    reader = load_reader(contents, zoom_search=zoom_search)
     with torch.inference_mode():
-        out = load_reader(contents)(torch.stack([item["image"] for item in items]))
+        out = reader(torch.stack([item["image"] for item in items]))
     return {"names": [item["file_name"] for item in items],
             "probs": out["logits"].float().softmax(-1), "box": out.get("box")}
 
@@ -273,6 +275,30 @@ def test_predict_split_returns_each_reader_s_reading_in_file_name_order(tmp_path
     torch.testing.assert_close(tta.probs, torch.stack([v.probs for v in per_view]).mean(0),
                                atol=1e-5, rtol=0)
     assert not torch.allclose(tta.probs, expected[plain]["probs"], atol=1e-4)
+
+
+def test_zoom_search_is_as_trained_unless_told_and_needs_a_reader_that_zooms(tmp_path,
+                                                                             capsys):
+    data_dir = tiny_val_folder(tmp_path / "mchar", count=3)
+    plain, zoom = tmp_path / "plain.ckpt", tmp_path / "zoom.ckpt"
+    write_format_1_checkpoint(plain, "legacy_plain")
+    write_format_1_checkpoint(zoom, "legacy_zoom")
+    options = {"cache_dir": tmp_path / "cache", "accelerator": "cpu"}
+    searched = inference.predict_split([zoom], data_dir, "val", zoom_search=True, **options)
+    expected = reader_outputs(zoom, data_dir, tmp_path / "cache", zoom_search=True)
+    torch.testing.assert_close(searched.probs, expected["probs"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(searched.boxes, expected["box"], atol=1e-5, rtol=0)
+    assert not load_reader(zoom).zoom_search and load_reader(zoom, zoom_search=True).zoom_search
+    raw = torch.load(zoom, weights_only=False)
+    raw["hyper_parameters"]["zoom_search"] = True  # trained with the search on
+    torch.save(raw, zoom)
+    assert load_reader(zoom).zoom_search and not load_reader(zoom, zoom_search=False).zoom_search
+    with pytest.raises(CheckpointError, match=f"{plain}: zoom search needs a reader that"):
+        inference.predict_split([plain], data_dir, "val", zoom_search=True, **options)
+    out = tmp_path / "out.csv"
+    assert predict.main([str(plain), "--data_dir", str(data_dir), "--split", "val",
+                         "--zoom_search", "--out", str(out)]) == 2
+    assert "zoom search needs" in capsys.readouterr().err and not out.exists()
 
 
 def test_the_evaluation_data_module_takes_the_checkpoint_s_settings(tmp_path):
@@ -322,8 +348,9 @@ def test_each_checkpoint_runs_in_its_validation_precision_unless_told(tmp_path, 
     monkeypatch.setattr(inference, "build_trainer",
                         lambda *a, **k: built.append(a) or real_trainer("cpu", 1, None, a[3]))
     monkeypatch.setattr(inference, "load_reader",
-                        lambda c, channels_last=None: loaded.append(channels_last)
-                        or real_reader(c, channels_last=channels_last))
+                        lambda c, channels_last=None, zoom_search=None:
+                        loaded.append(channels_last)
+                        or real_reader(c, channels_last=channels_last, zoom_search=zoom_search))
     inference.predict_split([path], data_dir, "val", cache_dir=tmp_path / "cache",
                             accelerator="cpu", strategy="ddp_spawn", channels_last=True)
     assert built[-1] == ("cpu", 1, "ddp_spawn", "bf16-mixed") and loaded[-1] is True

@@ -1,12 +1,23 @@
 """The reader (a plain nn.Module): normalisation, heads, box and digit-box heads, the zoom
 geometry and where each crop is cut, compilation."""
 
+import math
+
 import pytest
 import torch
 
 import svhn.reader
 from svhn.labels import BLANK
-from svhn.reader import DigitHeads, DigitReader, box_from_crop, crop_boxes, crop_region
+from svhn.module import DigitSequenceModel
+from svhn.reader import (
+    DigitHeads,
+    DigitReader,
+    box_from_crop,
+    crop_boxes,
+    crop_region,
+    search_windows,
+    vote,
+)
 
 
 def test_reader_reads_without_lightning():
@@ -252,3 +263,97 @@ def test_the_reader_s_dropout_reaches_its_heads():
     reader = DigitReader(backbone="simple_cnn", image_size=(32, 64), dropout=0.3,
                          hidden_dim=32)
     assert reader.heads.dropout.p == 0.3 and reader.heads.shared[0].p == 0.3
+
+
+# -- zoom search: many chains, one vote -------------------------------------------------------
+def reading_logits(readings: list[list[int]], confidence: float, max_len: int = 3
+                   ) -> torch.Tensor:
+    """(B, max_len, 11) logits reading each list of classes with top probability
+    ``confidence`` at every position."""
+    logits = torch.full((len(readings), max_len, 11), math.log((1 - confidence) / 10))
+    for row, classes in enumerate(readings):
+        for position, cls in enumerate(classes):
+            logits[row, position, cls] = math.log(confidence)
+    return logits
+
+
+def test_the_vote_takes_the_reading_most_chains_agree_on_by_summed_probability():
+    # Image 0: one confident chain reads "12"; two less sure chains read "7" (one with its
+    # digit at the second position: the same reading once written). Together they win.
+    # Image 1: the same chains read "5", "3" and "8": no two agree, the most probable wins.
+    chains = torch.stack([
+        reading_logits([[1, 2, BLANK], [5, BLANK, BLANK]], 0.9),
+        reading_logits([[7, BLANK, BLANK], [3, BLANK, BLANK]], 0.75),
+        reading_logits([[BLANK, 7, BLANK], [8, BLANK, BLANK]], 0.8),
+    ])
+    # chain probabilities: 0.9^3 = 0.73; 0.75^3 = 0.42 and 0.8^3 = 0.51 (sum 0.93)
+    assert vote(chains).tolist() == [2, 0]  # image 0: the more probable of the "7" chains
+    assert vote(chains[:1]).tolist() == [0, 0]  # one chain: itself
+
+
+def test_search_windows_cover_the_image_on_a_grid_at_three_sizes():
+    windows = search_windows()
+    assert windows.shape == (27, 4)
+    assert (windows >= 0).all() and (windows <= 1).all()
+    assert (windows[:, 2:] > windows[:, :2]).all()
+    centres = ((windows[:, :2] + windows[:, 2:]) / 2).unique(dim=0)
+    assert len(centres) > 9  # clipping moves the big windows' centres inwards
+    widths = (windows[:, 2] - windows[:, 0]).unique()
+    assert widths.min() < 0.35 and widths.max() > 0.65
+
+
+def test_zoom_search_answers_with_the_chain_the_vote_picks():
+    torch.manual_seed(0)
+    reader = DigitReader(backbone="simple_cnn", max_len=3, box_head=True, char_boxes=True,
+                         zoom_from="digits", zoom_steps=2, image_size=(32, 64),
+                         zoom_search=True).eval()
+    starts = []
+
+    def fake_chain(images, start):
+        # Chains that start in the left half of the image read "4" (confident); the rest
+        # read "9"; each chain's box is its start, so the answer shows which chain won.
+        starts.append(start.clone())
+        left = ((start[:, 0] + start[:, 2]) / 2 < 0.5)[:, None, None]
+        logits = torch.where(left, reading_logits([[4, BLANK, BLANK]] * len(images), 0.9),
+                             reading_logits([[9, BLANK, BLANK]] * len(images), 0.9))
+        return {"logits": logits, "box": start, "char_boxes": start[:, None].expand(-1, 3, 4)}
+
+    reader.zoom_chain = fake_chain
+    images = torch.randint(0, 255, (2, 3, 64, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        out = reader(images)
+    assert len(starts) == 2 + len(search_windows())  # digits box, box head's box, windows
+    torch.testing.assert_close(torch.stack(starts[2:])[:, 0], search_windows())
+    # 9 windows centred at x = 0.25 read "4"; the 18 others (and maybe the two predicted
+    # boxes) read "9": "9" wins, answered by a chain that read it.
+    assert out["logits"].argmax(-1)[:, 0].tolist() == [9, 9]
+    assert ((out["box"][:, 0] + out["box"][:, 2]) / 2 >= 0.5).all()
+    assert out["char_boxes"].shape == (2, 3, 4) and "first_pass_logits" in out
+    starts.clear()
+    with torch.no_grad():
+        reader(images, search=False)
+    assert len(starts) == 1  # one chain, from the digits the first read found
+
+
+def test_validation_reads_one_chain_even_when_the_reader_searches():
+    torch.manual_seed(0)
+    model = DigitSequenceModel(backbone="simple_cnn", max_len=3, box_head=True,
+                               zoom_steps=2, image_size=(32, 64), zoom_search=True).eval()
+    reads = []
+    original = model.reader.read
+    model.reader.read = lambda images: reads.append(len(images)) or original(images)
+    batch = {"image": torch.randint(0, 255, (2, 3, 64, 128), dtype=torch.uint8),
+             "target": torch.tensor([[1, 2, BLANK], [3, BLANK, BLANK]]),
+             "box": torch.tensor([[0.2, 0.2, 0.8, 0.8]] * 2)}
+    with torch.no_grad():
+        model.validation_step(batch, 0)
+    assert len(reads) == 1 + 2  # the whole image and two crops
+    reads.clear()
+    with torch.no_grad():
+        model.reader(batch["image"])
+    assert len(reads) == 1 + 29 * 2  # predicting: every chain
+
+
+def test_zoom_search_needs_zoom_steps():
+    with pytest.raises(ValueError, match="zoom_search needs zoom_steps"):
+        DigitReader(box_head=True, zoom_search=True)

@@ -289,6 +289,12 @@ def test_the_vote_takes_the_reading_most_chains_agree_on_by_summed_probability()
     # chain probabilities: 0.9^3 = 0.73; 0.75^3 = 0.42 and 0.8^3 = 0.51 (sum 0.93)
     assert vote(chains).tolist() == [2, 0]  # image 0: the more probable of the "7" chains
     assert vote(chains[:1]).tolist() == [0, 0]  # one chain: itself
+    # A chain's weight is its reading's probability (the product over positions), not a
+    # count or a sum: 0.9^3 = 0.73 beats two chains of 0.6^3 = 0.22 (sums: 2.7 vs 3.6).
+    sure_or_two = torch.stack([reading_logits([[5, BLANK, BLANK]], 0.9),
+                               reading_logits([[6, BLANK, BLANK]], 0.6),
+                               reading_logits([[6, BLANK, BLANK]], 0.6)])
+    assert vote(sure_or_two).tolist() == [0]
 
 
 def test_search_windows_cover_the_image_on_a_grid_at_three_sizes():

@@ -12,6 +12,8 @@ prediction in ``svhn.inference``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -222,17 +224,24 @@ class DigitReader(nn.Module):
             windows = search_windows().to(images.device)
             starts += [out["box"].float(), *windows[:, None].expand(-1, len(images), 4)]
         chains = [self.zoom_chain(images, start) for start in starts]
-        winner = vote(torch.stack([chain["logits"] for chain in chains]))
-        rows = torch.arange(len(images), device=images.device)
-        result = {key: torch.stack([chain[key] for chain in chains])[winner, rows]
-                  for key in chains[0]}
+        result = chains[0] if len(chains) == 1 else voted_chain(chains)
         result["first_pass_logits"] = out["logits"]
         return result
 
 
+def voted_chain(chains: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per image, every output of the chain ``vote`` picks."""
+    winner = vote(torch.stack([chain["logits"] for chain in chains]))
+    rows = torch.arange(len(winner), device=winner.device)
+    return {key: torch.stack([chain[key] for chain in chains])[winner, rows]
+            for key in chains[0]}
+
+
+@functools.cache  # a constant: built once, not on every batch
 def search_windows() -> torch.Tensor:
     """The (27, 4) normalised windows ``zoom_search`` starts chains from, clipped to the
-    image: every size of SEARCH_SIZES at every centre of the SEARCH_CENTRES grid."""
+    image: every size of SEARCH_SIZES at every centre of the SEARCH_CENTRES grid. Shared:
+    do not modify it in place."""
     xs, ys = SEARCH_CENTRES
     windows = [(x - w / 2, y - h / 2, x + w / 2, y + h / 2)
                for w, h in SEARCH_SIZES for x in xs for y in ys]

@@ -81,11 +81,12 @@ class DigitReader(nn.Module):
             (default: the margin of the ``zoom`` augmentation's tight crops).
         zoom_search: when predicting, also start zoom chains from the box head's box and
             from ``search_windows()`` (29 chains in all, each ``zoom_steps`` reads) and
-            answer with the reading most of them agree on, each chain's vote weighted by
-            its reading's probability (``vote``). A number the first read missed (a small
-            one in a wide scene, a door or lamp read instead) is still found by the chains
-            that start near it. Costs 29x the crop reads; validation during ``svhn.fit``
-            reads one chain (``forward(search=False)``).
+            answer with the reading most of them agree on in the same place, each chain's
+            vote weighted by its reading's probability and by how much its box overlaps
+            (``vote``). A number the first read missed (a small one in a wide scene, a
+            door or lamp read instead) is still found by the chains that start near it.
+            Costs 29x the crop reads; validation during ``svhn.fit`` reads one chain
+            (``forward(search=False)``).
         channels_last: feed the convolutions channels-last (faster on GPUs, and on CPUs with
             AMX under bf16).
     """
@@ -231,10 +232,10 @@ class DigitReader(nn.Module):
 
 def voted_chain(chains: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Per image, every output of the chain ``vote`` picks."""
-    winner = vote(torch.stack([chain["logits"] for chain in chains]))
+    stacked = {key: torch.stack([chain[key] for chain in chains]) for key in chains[0]}
+    winner = vote(stacked["logits"], stacked["box"])
     rows = torch.arange(len(winner), device=winner.device)
-    return {key: torch.stack([chain[key] for chain in chains])[winner, rows]
-            for key in chains[0]}
+    return {key: value[winner, rows] for key, value in stacked.items()}
 
 
 @functools.cache  # a constant: built once, not on every batch
@@ -248,19 +249,31 @@ def search_windows() -> torch.Tensor:
     return torch.tensor(windows).clamp(0, 1)
 
 
-def vote(logits: torch.Tensor) -> torch.Tensor:
-    """The winning chain of each image from (K, B, max_len, 11) chain logits: the reading
-    (as the submission writes it) with the largest summed probability over the chains that
-    read it, each chain's probability the product of its positions' top probabilities; of
-    the chains that read the winner, the most probable one. (B,) chain indices."""
-    chains, batch = logits.shape[:2]
+def vote(logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """The winning chain of each image from (K, B, max_len, 11) chain logits and (K, B, 4)
+    the boxes the chains ended on: the chain whose reading (as the submission writes it) has
+    the most support, then the most probable of those. A chain's support is the summed
+    probability of the chains that read as it does, each weighted by how much their boxes
+    overlap (IoU): chains that agree on the reading and on the place back each other, while
+    the same reading found in unrelated places (a lamp, a window) adds little. A chain's
+    probability is the product of its positions' top probabilities. (B,) chain indices."""
     probs = logits.float().softmax(-1)
-    readings = canonical_predictions(probs.flatten(0, 1)).view(chains, batch, -1)
+    readings = canonical_predictions(probs.flatten(0, 1)).view(*logits.shape[:3])
     confidence = probs.amax(-1).prod(-1)  # (K, B)
     agree = (readings[:, None] == readings[None]).all(-1)  # (K, K, B)
-    support = (agree * confidence[None]).sum(1)  # (K, B): all the chains that read as k does
+    support = (agree * pairwise_iou(boxes) * confidence[None]).sum(1)  # (K, B)
     best = support == support.amax(0, keepdim=True)
     return torch.where(best, confidence, -1.0).argmax(0)
+
+
+def pairwise_iou(boxes: torch.Tensor) -> torch.Tensor:
+    """(K, K, B) intersection over union of every pair of (K, B, 4) boxes, per image."""
+    boxes = boxes.float()
+    low = torch.maximum(boxes[:, None, :, :2], boxes[None, :, :, :2])
+    high = torch.minimum(boxes[:, None, :, 2:], boxes[None, :, :, 2:])
+    inter = (high - low).clamp(min=0).prod(-1)
+    area = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)  # (K, B)
+    return inter / (area[:, None] + area[None] - inter).clamp(min=1e-9)
 
 
 # -- zoom geometry (normalised x0, y0, x1, y1 boxes) ---------------------------------------

@@ -15,6 +15,7 @@ from svhn.reader import (
     box_from_crop,
     crop_boxes,
     crop_region,
+    pairwise_iou,
     search_windows,
     vote,
 )
@@ -277,6 +278,11 @@ def reading_logits(readings: list[list[int]], confidence: float, max_len: int = 
     return logits
 
 
+def same_place(chains: torch.Tensor) -> torch.Tensor:
+    """(K, B, 4) boxes: every chain of every image ended on the same box."""
+    return torch.tensor([0.2, 0.2, 0.6, 0.8]).expand(*chains.shape[:2], 4)
+
+
 def test_the_vote_takes_the_reading_most_chains_agree_on_by_summed_probability():
     # Image 0: one confident chain reads "12"; two less sure chains read "7" (one with its
     # digit at the second position: the same reading once written). Together they win.
@@ -287,14 +293,31 @@ def test_the_vote_takes_the_reading_most_chains_agree_on_by_summed_probability()
         reading_logits([[BLANK, 7, BLANK], [8, BLANK, BLANK]], 0.8),
     ])
     # chain probabilities: 0.9^3 = 0.73; 0.75^3 = 0.42 and 0.8^3 = 0.51 (sum 0.93)
-    assert vote(chains).tolist() == [2, 0]  # image 0: the more probable of the "7" chains
-    assert vote(chains[:1]).tolist() == [0, 0]  # one chain: itself
+    assert vote(chains, same_place(chains)).tolist() == [2, 0]  # the surer "7" chain
+    assert vote(chains[:1], same_place(chains[:1])).tolist() == [0, 0]  # one chain: itself
     # A chain's weight is its reading's probability (the product over positions), not a
     # count or a sum: 0.9^3 = 0.73 beats two chains of 0.6^3 = 0.22 (sums: 2.7 vs 3.6).
     sure_or_two = torch.stack([reading_logits([[5, BLANK, BLANK]], 0.9),
                                reading_logits([[6, BLANK, BLANK]], 0.6),
                                reading_logits([[6, BLANK, BLANK]], 0.6)])
-    assert vote(sure_or_two).tolist() == [0]
+    assert vote(sure_or_two, same_place(sure_or_two)).tolist() == [0]
+
+
+def test_chains_back_each_other_only_where_their_boxes_overlap():
+    # Two chains read "7" in two unrelated places (0.6^3 = 0.22 each); two read "12" on the
+    # same box (0.55^3 = 0.17 each). Counted anywhere, "7" would win (0.43 vs 0.33); only
+    # the "12" chains agree on the place as well.
+    chains = torch.stack([reading_logits([[7, BLANK, BLANK]], 0.6),
+                          reading_logits([[7, BLANK, BLANK]], 0.6),
+                          reading_logits([[1, 2, BLANK]], 0.55),
+                          reading_logits([[1, 2, BLANK]], 0.55)])
+    boxes = torch.tensor([[0.0, 0.0, 0.2, 0.3], [0.7, 0.6, 0.9, 0.9],
+                          [0.3, 0.3, 0.6, 0.6], [0.32, 0.3, 0.6, 0.62]])[:, None]
+    assert vote(chains, boxes).tolist() == [2]
+    assert vote(chains, same_place(chains)).tolist() == [0]  # in one place "7" wins
+    # Boxes sharing half their width back each other by their IoU, a third.
+    iou = pairwise_iou(torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.1, 0.0, 0.3, 0.2]])[:, None])
+    torch.testing.assert_close(iou[:, :, 0], torch.tensor([[1.0, 1 / 3], [1 / 3, 1.0]]))
 
 
 def test_search_windows_cover_the_image_on_a_grid_at_three_sizes():

@@ -17,6 +17,7 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -183,7 +184,7 @@ def available_backbones() -> list[str]:
 
 def create_backbone(
     name: str, pretrained: bool = False, pretrained_weights: str | None = None,
-    feature_grid: tuple[int, int] | None = None,
+    feature_grid: tuple[int, int] | None = None, timm_args: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Build a backbone by name; the result has ``num_features``.
 
@@ -191,11 +192,16 @@ def create_backbone(
     loads a local weights file (a state dict saved with ``torch.save`` or safetensors) into a
     timm model: the offline way. Classic backbones have no pretrained weights.
     ``feature_grid`` pools the last feature maps to that (rows, columns) grid instead of the
-    backbone's own pooling (timm CNNs and classic backbones).
+    backbone's own pooling (timm CNNs and classic backbones). ``timm_args`` go to
+    ``timm.create_model`` (e.g. ``drop_path_rate``, ``drop_rate``).
     """
+    timm_args = dict(timm_args or {})
     if name in CLASSIC_BACKBONES:
         if pretrained or pretrained_weights:
             raise ValueError(f"backbone {name!r} has no pretrained weights; use a timm name.")
+        if timm_args:
+            raise ValueError(f"backbone {name!r} is not a timm model: drop timm_args "
+                             f"{timm_args}.")
         backbone = CLASSIC_BACKBONES[name]()
         if feature_grid:
             backbone.set_grid(feature_grid)
@@ -206,11 +212,11 @@ def create_backbone(
             "name (see timm.list_models())."
         )
     if pretrained_weights:
-        model = _timm_from_file(name, Path(pretrained_weights))
+        model = _timm_from_file(name, Path(pretrained_weights), timm_args)
     else:
         if pretrained:
             _check_weights_reachable(name)
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_args)
     if not feature_grid:
         return model
     return FeatureBackbone(TimmFeatureMaps(model), model.num_features, tuple(feature_grid))
@@ -239,7 +245,7 @@ def _check_weights_reachable(name: str) -> None:
         ) from None
 
 
-def _timm_from_file(name: str, weights: Path) -> nn.Module:
+def _timm_from_file(name: str, weights: Path, timm_args: dict[str, Any]) -> nn.Module:
     """A timm model with a local weights file, loaded strictly by timm itself (a file made
     for another architecture fails instead of half-loading), classifier removed."""
     if not weights.is_file():
@@ -251,7 +257,7 @@ def _timm_from_file(name: str, weights: Path) -> nn.Module:
         # With its own classifier the model loads the file strictly (timm is lenient only
         # when num_classes differs), then the classifier is dropped.
         model = timm.create_model(name, pretrained=True,
-                                  pretrained_cfg_overlay={"file": str(weights)})
+                                  pretrained_cfg_overlay={"file": str(weights)}, **timm_args)
     except RuntimeError as err:
         first_line = str(err).splitlines()[0]
         raise ValueError(

@@ -13,6 +13,7 @@ prediction in ``svhn.inference``.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,8 @@ class DigitReader(nn.Module):
             timm model name (resnet18, resnet50, ...).
         pretrained: ImageNet weights through timm (needs network or the hub cache).
         pretrained_weights: a local weights file for the timm backbone (the offline way).
+        timm_args: more arguments for ``timm.create_model``, e.g. ``{drop_path_rate: 0.1}``
+            (stochastic depth) or ``{drop_rate: 0.2}``.
         max_len: digit positions.
         image_size: (height, width) the network reads; larger inputs (evaluation at the data
             module's ``eval_scale``) are resized for the first read and zoom crops come
@@ -96,6 +99,7 @@ class DigitReader(nn.Module):
         backbone: str = "simple_cnn",
         pretrained: bool = False,
         pretrained_weights: str | None = None,
+        timm_args: dict[str, Any] | None = None,
         max_len: int = DEFAULT_MAX_LEN,
         image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
         hidden_dim: int = 0,
@@ -130,7 +134,8 @@ class DigitReader(nn.Module):
         self.zoom_margin = zoom_margin
         self.zoom_search = zoom_search
         self.channels_last = channels_last
-        self.backbone = create_backbone(backbone, pretrained, pretrained_weights, feature_grid)
+        self.backbone = create_backbone(backbone, pretrained, pretrained_weights, feature_grid,
+                                        timm_args)
         features = self.backbone.num_features
         self.heads = DigitHeads(features, max_len, hidden_dim, dropout)
         self.box_regressor = nn.Linear(features, 4) if box_head else None

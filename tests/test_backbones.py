@@ -91,3 +91,29 @@ def test_hub_offline_mode_skips_the_network_check(monkeypatch):
                         lambda *a, **k: torch.nn.Identity())  # the hub cache is not ours
     create_backbone("resnet18", pretrained=True)
     assert checked == []
+
+
+def test_timm_args_reach_timm_and_a_checkpoint_rebuilds_them(tmp_path):
+    from svhn.checkpoints import load_reader
+    from svhn.module import DigitSequenceModel
+
+    backbone = create_backbone("resnet18", feature_grid=(2, 4),
+                               timm_args={"drop_path_rate": 0.2})
+    assert backbone.body.model.layer4[1].drop_path.drop_prob == pytest.approx(0.2)
+    model = DigitSequenceModel(backbone="resnet18", feature_grid=[2, 4],
+                               timm_args={"drop_path_rate": 0.2})
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)},
+               path)
+    reader = load_reader(path)
+    assert reader.backbone.body.model.layer4[1].drop_path.drop_prob == pytest.approx(0.2)
+
+
+def test_timm_args_with_a_local_weights_file_and_with_a_classic_backbone(tmp_path):
+    weights = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), weights)
+    model = create_backbone("resnet18", pretrained_weights=str(weights),
+                            timm_args={"drop_rate": 0.3})
+    assert model.drop_rate == 0.3
+    with pytest.raises(ValueError, match="'simple_cnn' is not a timm model: drop timm_args"):
+        create_backbone("simple_cnn", timm_args={"drop_path_rate": 0.1})

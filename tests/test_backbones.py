@@ -8,6 +8,8 @@ import timm
 import torch
 
 from svhn.backbones import TIMM_EXAMPLES, available_backbones, create_backbone
+from svhn.checkpoints import load_reader
+from svhn.module import DigitSequenceModel
 
 
 @pytest.mark.parametrize("name", available_backbones())
@@ -94,9 +96,6 @@ def test_hub_offline_mode_skips_the_network_check(monkeypatch):
 
 
 def test_timm_args_reach_timm_and_a_checkpoint_rebuilds_them(tmp_path):
-    from svhn.checkpoints import load_reader
-    from svhn.module import DigitSequenceModel
-
     backbone = create_backbone("resnet18", feature_grid=(2, 4),
                                timm_args={"drop_path_rate": 0.2})
     assert backbone.body.model.layer4[1].drop_path.drop_prob == pytest.approx(0.2)

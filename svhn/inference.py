@@ -4,15 +4,17 @@
 settings (``svhn.checkpoints``), feeds it the split exactly as validation did (same image
 size, cache and evaluation scale, no augmentation, the precision it was validated in unless
 told otherwise), runs ``lightning.Trainer.predict`` (so ``devices=2, strategy="ddp"`` works:
-every rank's rows are gathered, each image exactly once), averages the per-position
-probabilities over views (test-time augmentation) and checkpoints (an ensemble), and returns
-one ``Predictions`` in file-name order. ``svhn.predict``, ``svhn.analysis``, ``svhn.bench``
+every rank's rows are gathered, each image exactly once), combines views (test-time
+augmentation) and checkpoints (an ensemble), and returns one ``Predictions`` in file-name
+order. Readers that run the zoom search combine by one vote over all their zoom chains
+(``svhn.reader.vote``: every view's and every checkpoint's chains together); the others by
+averaging their per-position probabilities. ``svhn.predict``, ``svhn.analysis``, ``svhn.bench``
 and ``svhn.report`` all read through here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,36 +25,46 @@ import torch.nn.functional as F
 
 from svhn.checkpoints import CheckpointContents, CheckpointError, load_reader, read_checkpoint
 from svhn.data import SPLITS, SVHNDataModule
-from svhn.reader import DigitReader
+from svhn.reader import DigitReader, vote_probabilities
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # Lightning's names; 16-mixed: GPUs
 
 # -- views (test-time augmentation) ---------------------------------------------------------
-View = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _affine_view(scale: float = 1.0, shift_x: float = 0.0) -> View:
+@dataclass(frozen=True)
+class AffineView:
     """Zoom about the centre by ``scale``, move right by ``shift_x`` of the width; the
     border pixels are repeated so no black edges appear (the model never saw any)."""
 
-    def apply(images: torch.Tensor) -> torch.Tensor:
-        theta = images.new_tensor([[1 / scale, 0.0, -2 * shift_x], [0.0, 1 / scale, 0.0]])
+    scale: float = 1.0
+    shift_x: float = 0.0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.scale == 1.0 and self.shift_x == 0.0:
+            return images
+        theta = images.new_tensor([[1 / self.scale, 0.0, -2 * self.shift_x],
+                                   [0.0, 1 / self.scale, 0.0]])
         grid = F.affine_grid(theta.expand(images.shape[0], 2, 3), list(images.shape),
                              align_corners=False)
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
                              align_corners=False)
 
-    return apply
+    def box_to_image(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Normalised (x0, y0, x1, y1) boxes found in this view -> the same places in the
+        original image (so chains of different views can be compared by overlap)."""
+        # The view samples the image at u / scale - 2 * shift_x, u in [-1, 1] coordinates.
+        x = ((2 * boxes[..., 0::2] - 1) / self.scale - 2 * self.shift_x + 1) / 2
+        y = ((2 * boxes[..., 1::2] - 1) / self.scale + 1) / 2
+        return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
 
 
-# Deterministic views of the normalised image batch. The first view of a list is the one
-# whose box (for readers with a box head) is reported.
-VIEWS: dict[str, View] = {
-    "identity": lambda images: images,
-    "shift_left": _affine_view(shift_x=-0.04),
-    "shift_right": _affine_view(shift_x=0.04),
-    "zoom_in": _affine_view(scale=1.08),
-    "zoom_out": _affine_view(scale=0.92),
+# Deterministic views of the normalised image batch. For readers without the zoom search,
+# the first view of a list is the one whose box (with a box head) is reported.
+VIEWS: dict[str, AffineView] = {
+    "identity": AffineView(),
+    "shift_left": AffineView(shift_x=-0.04),
+    "shift_right": AffineView(shift_x=0.04),
+    "zoom_in": AffineView(scale=1.08),
+    "zoom_out": AffineView(scale=0.92),
 }
 PLAIN_VIEWS = ("identity",)
 TTA_VIEWS = tuple(VIEWS)
@@ -69,12 +81,16 @@ def check_views(views: Sequence[str]) -> tuple[str, ...]:
 @dataclass
 class Predictions:
     """Per-image outputs in file-name order: probabilities (N, max_len, 11), boxes (N, 4)
-    when the readers predict them, targets (N, max_len) when the split is labelled."""
+    when the readers predict them, targets (N, max_len) when the split is labelled; with
+    the zoom search, every zoom chain's probabilities (N, K, max_len, 11) and final box
+    (N, K, 4), whose vote gave ``probs`` and ``boxes``."""
 
     file_names: list[str]
     probs: torch.Tensor
     boxes: torch.Tensor | None = None
     targets: torch.Tensor | None = None
+    chain_probs: torch.Tensor | None = None
+    chain_boxes: torch.Tensor | None = None
     checkpoints: list[Path] = field(default_factory=list)
     data_dir: Path | None = None
     split: str | None = None
@@ -97,7 +113,8 @@ class Predictions:
 
 
 class ReaderPredictor(L.LightningModule):
-    """Runs a reader over several views of each batch and averages the probabilities."""
+    """Runs a reader over several views of each batch: one vote over all the views' zoom
+    chains when the reader searches, else the views' probabilities averaged."""
 
     def __init__(self, reader: DigitReader, views: Sequence[str] = PLAIN_VIEWS):
         super().__init__()
@@ -107,21 +124,42 @@ class ReaderPredictor(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         images = self.reader.normalize(batch["image"])  # the views work on float images
         outputs = [self.reader(VIEWS[name](images)) for name in self.views]
-        result = {"file_name": list(batch["file_name"]), "target": batch["target"],
-                  "probs": torch.stack([o["logits"].float().softmax(-1)
-                                        for o in outputs]).mean(dim=0)}
+        result = {"file_name": list(batch["file_name"]), "target": batch["target"]}
+        if all("chain_logits" in o for o in outputs):
+            result["chain_probs"] = torch.cat([o["chain_logits"].float().softmax(-1)
+                                               for o in outputs], dim=1)
+            result["chain_boxes"] = torch.cat([VIEWS[name].box_to_image(o["chain_boxes"]
+                                                                        .float())
+                                               for name, o in zip(self.views, outputs)], dim=1)
+            result["probs"], result["box"] = vote_over_chains(result["chain_probs"],
+                                                              result["chain_boxes"])
+            return result
+        result["probs"] = torch.stack([o["logits"].float().softmax(-1)
+                                       for o in outputs]).mean(dim=0)
         if "box" in outputs[0]:
             result["box"] = outputs[0]["box"].float()
         return result
+
+
+def vote_over_chains(chain_probs: torch.Tensor, chain_boxes: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probabilities (N, max_len, 11) and box (N, 4) of the chain ``vote`` picks among
+    (N, K, max_len, 11) chain probabilities ending on (N, K, 4) boxes."""
+    winner = vote_probabilities(chain_probs.transpose(0, 1), chain_boxes.transpose(0, 1))
+    rows = torch.arange(len(winner), device=winner.device)
+    return chain_probs[rows, winner], chain_boxes[rows, winner]
 
 
 def _from_batches(batches: Sequence[dict]) -> Predictions:
     names = [name for batch in batches for name in batch["file_name"]]
     probs = torch.cat([b["probs"].cpu() for b in batches]) if batches else torch.empty(0)
     targets = torch.cat([b["target"].cpu() for b in batches]) if batches else None
-    has_boxes = bool(batches) and all("box" in b for b in batches)
-    boxes = torch.cat([b["box"].cpu() for b in batches]) if has_boxes else None
-    return Predictions(names, probs, boxes, targets)
+
+    def joined(key: str) -> torch.Tensor | None:
+        return _cat_or_none([b.get(key) for b in batches])
+
+    return Predictions(names, probs, joined("box"), targets, joined("chain_probs"),
+                       joined("chain_boxes"))
 
 
 def _gather_ranks(part: Predictions) -> list[Predictions]:
@@ -130,12 +168,15 @@ def _gather_ranks(part: Predictions) -> list[Predictions]:
         return [part]
     # Plain tuples pickle the same in every rank, whatever module name this file runs as.
     parts: list[tuple | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (part.file_names, part.probs, part.boxes, part.targets))
+    dist.all_gather_object(parts, (part.file_names, part.probs, part.boxes, part.targets,
+                                   part.chain_probs, part.chain_boxes))
     return [Predictions(*p) for p in parts if p is not None]
 
 
-def _cat_or_none(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
-    return torch.cat(tensors) if tensors and all(t is not None for t in tensors) else None
+def _cat_or_none(tensors: Sequence[torch.Tensor | None], dim: int = 0) -> torch.Tensor | None:
+    if not tensors or any(t is None for t in tensors):
+        return None
+    return torch.cat(tensors, dim=dim)  # type: ignore[arg-type]
 
 
 def _merge_sorted(parts: Sequence[Predictions], expected: Sequence[str]) -> Predictions:
@@ -146,25 +187,48 @@ def _merge_sorted(parts: Sequence[Predictions], expected: Sequence[str]) -> Pred
         raise RuntimeError(f"prediction returned {len(names)} rows ({len(set(names))} distinct) "
                            f"for {len(expected)} images; each image must appear exactly once.")
     order = sorted(range(len(names)), key=names.__getitem__)
-    probs = torch.cat([p.probs for p in parts])[order]
-    boxes = _cat_or_none([p.boxes for p in parts])
-    targets = _cat_or_none([p.targets for p in parts])
-    return Predictions([names[i] for i in order], probs,
-                       boxes[order] if boxes is not None else None,
-                       targets[order] if targets is not None else None)
+
+    def ordered(key: str) -> torch.Tensor | None:
+        joined = _cat_or_none([getattr(p, key) for p in parts])
+        return joined[order] if joined is not None else None
+
+    return Predictions([names[i] for i in order], torch.cat([p.probs for p in parts])[order],
+                       ordered("boxes"), ordered("targets"), ordered("chain_probs"),
+                       ordered("chain_boxes"))
 
 
-def average(members: Sequence[Predictions]) -> Predictions:
-    """The ensemble: mean probabilities (and boxes, when every member has them)."""
+def combine(members: Sequence[Predictions]) -> Predictions:
+    """The ensemble. Members that all ran the zoom search: one vote over all their chains
+    together (each member's chains back the others' where they agree on the reading and
+    the place). Otherwise: mean probabilities (and boxes, when every member has them)."""
     first = members[0]
     for other in members[1:]:
         if other.file_names != first.file_names:
             raise RuntimeError("ensemble members predicted different images.")
+    chain_probs = _cat_or_none([m.chain_probs for m in members], dim=1)
+    chain_boxes = _cat_or_none([m.chain_boxes for m in members], dim=1)
+    if chain_probs is not None and chain_boxes is not None:
+        probs, boxes = vote_over_chains(chain_probs, chain_boxes)
+        return Predictions(first.file_names, probs, boxes, first.targets, chain_probs,
+                           chain_boxes)
     probs = torch.stack([m.probs for m in members]).mean(dim=0)
     boxes = None
     if all(m.boxes is not None for m in members):
         boxes = torch.stack([m.boxes for m in members]).mean(dim=0)  # type: ignore[misc]
     return Predictions(first.file_names, probs, boxes, first.targets)
+
+
+def combination_notice(members: Sequence[Predictions], paths: Sequence[Path]) -> str:
+    """Says how ``combine`` joins these members, and why when it cannot vote."""
+    without = [path.name for path, m in zip(paths, members) if m.chain_probs is None]
+    if not without:
+        chains = sum(m.chain_probs.shape[1] for m in members)  # type: ignore[union-attr]
+        return f"Ensemble of {len(members)}: one vote over all {chains} zoom chains."
+    if len(without) == len(members):
+        return f"Ensemble of {len(members)}: per-position probabilities averaged."
+    return (f"Ensemble of {len(members)}: per-position probabilities averaged, not a vote over "
+            f"zoom chains: {', '.join(without)} does not run the zoom search (--zoom_search "
+            "turns it on for every checkpoint that zooms).")
 
 
 # -- the data a checkpoint reads ----------------------------------------------------------------
@@ -230,7 +294,7 @@ def predict_split(
     zoom_search: bool | None = None, cache_dir: str | Path | None = None,
     labelled: bool = False,
 ) -> Predictions:
-    """Average the probabilities of one or more checkpoints (and views) over a split.
+    """Read a split with one or more checkpoints (and views), combined by ``combine``.
 
     ``precision`` None runs each checkpoint in the precision its validation ran in (what
     the score in its file name was measured with); ``channels_last`` None keeps each
@@ -259,7 +323,9 @@ def predict_split(
             print(f"Reading {split} with {content.path.name} in {run_precision} ({source}).",
                   flush=True)
         members.append(predict_with_reader(reader, datamodule, trainers[run_precision], views))
-    result = average(members)
+    if len(members) > 1 and is_global_zero():
+        print(combination_notice(members, paths), flush=True)
+    result = combine(members)
     if not labelled:
         result.targets = None  # unlabelled rows carry placeholder targets
     result.checkpoints, result.data_dir, result.split, result.views = paths, Path(data_dir), \

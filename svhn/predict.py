@@ -3,7 +3,7 @@
 ``python -m svhn.predict CKPT [CKPT ...] [--data_dir data/mchar] [--split test_a] [--tta]``
 
 The reading itself is ``svhn.inference.predict_split`` (each checkpoint with its own
-settings and precision, views and checkpoints averaged, DDP-safe); this module is the
+settings and precision, views and checkpoints combined, DDP-safe); this module is the
 command line: it checks the outputs can be written before any work, writes the CSV (and with
 ``--save_probs`` the probabilities as ``.npz``) all or none, compares the rows with the sample
 submission and prints the score when the split has labels.
@@ -74,7 +74,8 @@ def refuse_to_overwrite(paths: Sequence[Path], overwrite: bool) -> None:
 
 
 def probability_arrays(result: Predictions) -> dict[str, np.ndarray]:
-    """The averaged probabilities with file names and provenance, for later ensembling."""
+    """The answer's probabilities (averaged, or the voted chain's under the zoom search) with
+    file names and provenance, for later ensembling."""
     arrays = {
         "file_names": np.asarray(result.file_names),
         "probs": result.probs.numpy().astype(np.float32),
@@ -147,8 +148,10 @@ def _devices(text: str) -> int | str | list[int]:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m svhn.predict",
-        description="Predict a split with one or more checkpoints (an ensemble averages their "
-                    "per-position probabilities) and write the competition CSV.",
+        description="Predict a split with one or more checkpoints and write the competition "
+                    "CSV. An ensemble of checkpoints that run the zoom search answers with one "
+                    "vote over all their zoom chains; otherwise it averages their "
+                    "per-position probabilities.",
     )
     parser.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint file(s)")
     parser.add_argument("--data_dir", type=Path, default=Path("data/mchar"))
@@ -173,7 +176,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "reading most of them agree on (default: as trained; on in "
                              "configs/real_cpu.yaml). 29x the crop reads")
     parser.add_argument("--tta", action="store_true",
-                        help=f"average the views {', '.join(TTA_VIEWS)}")
+                        help=f"also read the views {', '.join(TTA_VIEWS)} (averaged; "
+                             "with the zoom search, every view's chains vote together)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--save_probs", action="store_true",
                         help="also write the probabilities as <out>.npz (for ensembling)")

@@ -216,7 +216,8 @@ class DigitReader(nn.Module):
         come from the last crop read of a zoom chain (the one ``vote`` picks when
         ``search``, default ``zoom_search``, runs many), ``box`` and ``char_boxes`` are its
         last ones (whole-image coordinates) and ``first_pass_logits`` keeps the whole-image
-        read's."""
+        read's; a search also returns every chain's ``chain_logits`` and ``chain_boxes``
+        (``voted_chain``)."""
         images = self.normalize(images)
         whole = images
         if tuple(images.shape[-2:]) != self.image_size:
@@ -236,11 +237,16 @@ class DigitReader(nn.Module):
 
 
 def voted_chain(chains: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per image, every output of the chain ``vote`` picks."""
+    """Per image, every output of the chain ``vote`` picks, plus every chain's reading
+    (``chain_logits`` (B, K, max_len, 11)) and final box (``chain_boxes`` (B, K, 4)), so an
+    ensemble or test-time views can vote over all their chains together."""
     stacked = {key: torch.stack([chain[key] for chain in chains]) for key in chains[0]}
     winner = vote(stacked["logits"], stacked["box"])
     rows = torch.arange(len(winner), device=winner.device)
-    return {key: value[winner, rows] for key, value in stacked.items()}
+    result = {key: value[winner, rows] for key, value in stacked.items()}
+    result["chain_logits"] = stacked["logits"].transpose(0, 1)
+    result["chain_boxes"] = stacked["box"].transpose(0, 1)
+    return result
 
 
 @functools.cache  # a constant: built once, not on every batch
@@ -262,8 +268,13 @@ def vote(logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     overlap (IoU): chains that agree on the reading and on the place back each other, while
     the same reading found in unrelated places (a lamp, a window) adds little. A chain's
     probability is the product of its positions' top probabilities. (B,) chain indices."""
-    probs = logits.float().softmax(-1)
-    readings = canonical_predictions(probs.flatten(0, 1)).view(*logits.shape[:3])
+    return vote_probabilities(logits.float().softmax(-1), boxes)
+
+
+def vote_probabilities(probs: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """``vote`` over chains given as (K, B, max_len, 11) probabilities."""
+    probs = probs.float()
+    readings = canonical_predictions(probs.flatten(0, 1)).view(*probs.shape[:3])
     confidence = probs.amax(-1).prod(-1)  # (K, B)
     agree = (readings[:, None] == readings[None]).all(-1)  # (K, K, B)
     support = (agree * pairwise_iou(boxes) * confidence[None]).sum(1)  # (K, B)

@@ -161,9 +161,99 @@ def test_tta_averages_the_views_probabilities(legacy_plain):
 def test_the_ensemble_averages_members_and_refuses_different_images():
     a = inference.Predictions(["x", "y"], torch.zeros(2, 5, 11))
     b = inference.Predictions(["x", "y"], torch.ones(2, 5, 11))
-    assert torch.equal(inference.average([a, b]).probs, torch.full((2, 5, 11), 0.5))
+    assert torch.equal(inference.combine([a, b]).probs, torch.full((2, 5, 11), 0.5))
     with pytest.raises(RuntimeError, match="different images"):
-        inference.average([a, inference.Predictions(["x", "z"], torch.ones(2, 5, 11))])
+        inference.combine([a, inference.Predictions(["x", "z"], torch.ones(2, 5, 11))])
+
+
+def chains_reading(readings: list[list[int]], confidences: list[float],
+                   boxes: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's chains: (1, K, 5, 11) probabilities, chain k reading ``readings[k]``
+    (padded with blanks) at ``confidences[k]`` per position, ending on (1, K, 4) ``boxes``."""
+    probs = torch.empty(len(readings), 5, 11)
+    for chain, (reading, confidence) in enumerate(zip(readings, confidences)):
+        probs[chain] = (1 - confidence) / 10
+        for position, digit in enumerate(reading + [10] * (5 - len(reading))):
+            probs[chain, position, digit] = confidence
+    return probs[None], torch.tensor(boxes)[None]
+
+
+def test_an_ensemble_of_searching_readers_votes_over_all_their_chains():
+    here, there = [0.1, 0.2, 0.4, 0.8], [0.6, 0.2, 0.9, 0.8]
+    # A chain's vote: its confidence ^ 5 positions (0.6: 0.078, 0.75: 0.237, 0.9: 0.590).
+    # Member a: three chains read "12" here (0.23 in all), one "7" there: a answers "12".
+    a_probs, a_boxes = chains_reading([[1, 2]] * 3 + [[7]], [0.6] * 3 + [0.5],
+                                      [here] * 3 + [there])
+    # Member b: "7" there at 0.9 (0.59) outweighs two "12" here at 0.75 (0.47): "7".
+    b_probs, b_boxes = chains_reading([[7], [1, 2], [1, 2]], [0.9, 0.75, 0.75],
+                                      [there, here, here])
+    members = []
+    for probs, boxes in ((a_probs, a_boxes), (b_probs, b_boxes)):
+        voted, box = inference.vote_over_chains(probs, boxes)
+        members.append(inference.Predictions(["x"], voted, box, None, probs, boxes))
+    assert members[0].probs.argmax(-1).tolist() == [[1, 2, 10, 10, 10]]
+    assert members[1].probs.argmax(-1).tolist() == [[7, 10, 10, 10, 10]]
+    # Averaging the two answers follows b's more confident "7"; all the chains together
+    # back "12" here (0.23 + 0.47 against 0.03 + 0.59 for "7").
+    mean = torch.stack([m.probs for m in members]).mean(0)
+    assert mean.argmax(-1).tolist() == [[7, 10, 10, 10, 10]]
+    both = inference.combine(members)
+    assert both.probs.argmax(-1).tolist() == [[1, 2, 10, 10, 10]]
+    torch.testing.assert_close(both.boxes, torch.tensor([here]))
+    assert both.chain_probs.shape == (1, 7, 5, 11)
+    paths = [Path("a.ckpt"), Path("b.ckpt")]
+    assert "one vote over all 7 zoom chains" in inference.combination_notice(members, paths)
+    # A member without chains (no search): the answers are averaged, and the user is told.
+    plain = inference.Predictions(["x"], a_probs[:, 0], torch.tensor([here]))
+    torch.testing.assert_close(inference.combine([members[1], plain]).probs,
+                               (members[1].probs + plain.probs) / 2)
+    notice = inference.combination_notice([members[1], plain], paths)
+    assert "averaged" in notice and "b.ckpt does not run the zoom search" in notice
+
+
+class ChainsOnly(torch.nn.Module):
+    """A stand-in searching reader: three chains per image, reading "1", "1", "7" in the
+    view it is given (their confidence follows the view's mean pixel), all ending on the
+    box (0.2, 0.2, 0.6, 0.6) of that view."""
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float()
+
+    def forward(self, images: torch.Tensor) -> dict:
+        n = len(images)
+        probs, _ = chains_reading([[1], [1], [7]], [0.6, 0.6, 0.9], [[0.2, 0.2, 0.6, 0.6]] * 3)
+        logits = probs.log().expand(n, -1, -1, -1) + images.mean() * 0
+        boxes = torch.tensor([0.2, 0.2, 0.6, 0.6]).expand(n, 3, 4)
+        return {"logits": logits[:, 0], "box": boxes[:, 0], "chain_logits": logits,
+                "chain_boxes": boxes}
+
+
+def test_test_time_views_of_a_searching_reader_vote_with_all_their_chains():
+    views = ("identity", "shift_right", "zoom_in")
+    batch = {"image": torch.rand(2, 3, 16, 32), "file_name": ["a", "b"],
+             "target": torch.zeros(2, 5)}
+    out = inference.ReaderPredictor(ChainsOnly(), views).predict_step(batch, 0)
+    assert out["chain_probs"].shape == (2, 9, 5, 11)
+    # Each view's boxes are put back where they are in the image, not the view.
+    for index, name in enumerate(views):
+        expected = inference.VIEWS[name].box_to_image(torch.tensor([0.2, 0.2, 0.6, 0.6]))
+        torch.testing.assert_close(out["chain_boxes"][:, 3 * index], expected.expand(2, 4))
+    probs, box = inference.vote_over_chains(out["chain_probs"], out["chain_boxes"])
+    torch.testing.assert_close(out["probs"], probs)
+    torch.testing.assert_close(out["box"], box)
+
+
+def test_views_map_the_boxes_they_find_back_to_the_image():
+    image = torch.zeros(1, 1, 40, 100)
+    image[..., 10:30, 30:50] = 1.0  # a block at x 0.3-0.5, y 0.25-0.75
+    for name, view in inference.VIEWS.items():
+        seen = view(image)[0, 0] > 0.5
+        columns, rows = seen.any(0).nonzero()[:, 0], seen.any(1).nonzero()[:, 0]
+        found = torch.tensor([[columns.min() / 100, rows.min() / 40,
+                               (columns.max() + 1) / 100, (rows.max() + 1) / 40]])
+        torch.testing.assert_close(view.box_to_image(found),
+                                   torch.tensor([[0.3, 0.25, 0.5, 0.75]]), atol=0.02,
+                                   rtol=0, msg=name)
 
 
 def test_gathered_rows_must_cover_each_image_exactly_once():
@@ -193,10 +283,10 @@ def test_a_previous_format_checkpoint_validates_through_the_fit_cli(synthetic_da
 def test_views_move_and_zoom_the_image_about_its_centre():
     columns = torch.arange(40.0).expand(2, 3, 8, 40)  # each pixel holds its column index
     rows = torch.arange(8.0)[:, None].expand(2, 3, 8, 40)  # ... or its row index
-    moved = inference._affine_view(shift_x=0.1)  # 0.1 of the width: 4 columns right
+    moved = inference.AffineView(shift_x=0.1)  # 0.1 of the width: 4 columns right
     torch.testing.assert_close(moved(columns)[..., 4:], columns[..., :-4], atol=1e-4, rtol=0)
     torch.testing.assert_close(moved(rows), rows, atol=1e-4, rtol=0)  # rows stay
-    zoomed = inference._affine_view(scale=2.0)  # twice as large about the centre
+    zoomed = inference.AffineView(scale=2.0)  # twice as large about the centre
     column, row = torch.arange(40.0), torch.arange(8.0)
     torch.testing.assert_close(zoomed(columns)[1, 2, 0], 19.5 + (column - 19.5) / 2,
                                atol=1e-4, rtol=0)

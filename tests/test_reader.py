@@ -358,6 +358,12 @@ def test_zoom_search_answers_with_the_chain_the_vote_picks():
     assert out["logits"].argmax(-1)[:, 0].tolist() == [9, 9]
     assert ((out["box"][:, 0] + out["box"][:, 2]) / 2 >= 0.5).all()
     assert out["char_boxes"].shape == (2, 3, 4) and "first_pass_logits" in out
+    # Every chain comes out too (for an ensemble's joint vote), the winner among them.
+    chains, ends = out["chain_logits"], out["chain_boxes"]
+    assert chains.shape == (2, 29, 3, 11) and ends.shape == (2, 29, 4)
+    torch.testing.assert_close(ends[:, 2:], search_windows().expand(2, -1, -1))
+    winner = vote(chains.transpose(0, 1), ends.transpose(0, 1))
+    torch.testing.assert_close(out["logits"], chains[torch.arange(2), winner])
     starts.clear()
     with torch.no_grad():
         reader(images, search=False)

@@ -233,12 +233,14 @@ def combination_notice(members: Sequence[Predictions], paths: Sequence[Path]) ->
 
 # -- the data a checkpoint reads ----------------------------------------------------------------
 def shared_max_len(contents: Sequence[CheckpointContents]) -> int:
-    """Averaging positions needs the same number of them in every model of an ensemble."""
+    """Averaging or voting over positions needs the same number of them in every model of
+    an ensemble."""
     lengths = {c.max_len for c in contents}
     if len(lengths) > 1:
         listing = ", ".join(f"{c.path.name}: {c.max_len}" for c in contents)
         raise CheckpointError(f"checkpoints disagree on max_len ({listing}); an ensemble "
-                              "averages per-position probabilities, so they must match.")
+                              "compares their readings position by position, so they must "
+                              "match.")
     return lengths.pop()
 
 

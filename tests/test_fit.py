@@ -195,7 +195,7 @@ CONFIG_MEANS = {
                       "model.box_head": False, "model.zoom_steps": 0,
                       "data.image_size": [96, 192], "data.cache_scale": 1.0,
                       "data.eval_scale": 1.0, "data.augment": "strong"},
-    "real_cpu.yaml": {"model.backbone": "resnet18", "model.feature_grid": [2, 4],
+    "real_cpu.yaml": {"model.backbone": "resnet18d", "model.feature_grid": [2, 4],
                       "model.zoom_steps": 3, "model.zoom_search": True,
                       "data.image_size": [64, 128], "data.augment": "zoom",
                       "data.batch_size": 64},
@@ -223,7 +223,7 @@ def test_zoom_overlay_composes_with_a_backbone_config(capsys):
 
 
 @pytest.mark.parametrize("chain,expected", [
-    (["zoom.yaml", "real_cpu.yaml"], ["backbone: resnet18", "zoom_steps: 3", "augment: zoom",
+    (["zoom.yaml", "real_cpu.yaml"], ["backbone: resnet18d", "zoom_steps: 3", "augment: zoom",
                                       "box_head: true", "eval_scale: 2.0"]),
     (["resnet18.yaml", "resnet50.yaml"], ["backbone: resnet50", "pretrained: true",
                                           "augment: strong", "precision: bf16-mixed"]),

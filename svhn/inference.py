@@ -155,8 +155,8 @@ def _from_batches(batches: Sequence[dict]) -> Predictions:
     probs = torch.cat([b["probs"].cpu() for b in batches]) if batches else torch.empty(0)
     targets = torch.cat([b["target"].cpu() for b in batches]) if batches else None
 
-    def joined(key: str) -> torch.Tensor | None:
-        return _cat_or_none([b.get(key) for b in batches])
+    def joined(key: str) -> torch.Tensor | None:  # on the CPU, as probs and targets
+        return _cat_or_none([b[key].cpu() if key in b else None for b in batches])
 
     return Predictions(names, probs, joined("box"), targets, joined("chain_probs"),
                        joined("chain_boxes"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from svhn.synthetic import generate_dataset
 
@@ -272,3 +273,14 @@ def easy_zoom_run(easy_run: EasyRun, tmp_path_factory: pytest.TempPathFactory) -
                     "--data.cache_scale", "2", "--data.eval_scale", "2",
                     "--model.box_head", "true", "--model.zoom_steps", "1",
                     "--model.init_from", str(easy_run.last), "--trainer.max_epochs", "2")
+
+
+def reading_logits(readings: list[list[int]], confidence: float, max_len: int = 3
+                   ) -> torch.Tensor:
+    """(B, max_len, 11) logits reading each list of classes with top probability
+    ``confidence`` at every position."""
+    logits = torch.full((len(readings), max_len, 11), math.log((1 - confidence) / 10))
+    for row, classes in enumerate(readings):
+        for position, cls in enumerate(classes):
+            logits[row, position, cls] = math.log(confidence)
+    return logits

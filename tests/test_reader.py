@@ -1,10 +1,9 @@
 """The reader (a plain nn.Module): normalisation, heads, box and digit-box heads, the zoom
 geometry and where each crop is cut, compilation."""
 
-import math
-
 import pytest
 import torch
+from conftest import reading_logits
 
 import svhn.reader
 from svhn.labels import BLANK
@@ -267,17 +266,6 @@ def test_the_reader_s_dropout_reaches_its_heads():
 
 
 # -- zoom search: many chains, one vote -------------------------------------------------------
-def reading_logits(readings: list[list[int]], confidence: float, max_len: int = 3
-                   ) -> torch.Tensor:
-    """(B, max_len, 11) logits reading each list of classes with top probability
-    ``confidence`` at every position."""
-    logits = torch.full((len(readings), max_len, 11), math.log((1 - confidence) / 10))
-    for row, classes in enumerate(readings):
-        for position, cls in enumerate(classes):
-            logits[row, position, cls] = math.log(confidence)
-    return logits
-
-
 def same_place(chains: torch.Tensor) -> torch.Tensor:
     """(K, B, 4) boxes: every chain of every image ended on the same box."""
     return torch.tensor([0.2, 0.2, 0.6, 0.8]).expand(*chains.shape[:2], 4)

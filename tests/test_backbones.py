@@ -1,15 +1,15 @@
-import os
-import subprocess
-import sys
-from pathlib import Path
+"""Backbones (svhn.model.backbones): the classic CNNs and timm models as feature extractors,
+pretrained weights from a local file (through a fit to predict) or the hub, and timm_args."""
 
 import pytest
 import timm
 import torch
+from helpers.runs import run_module, run_predict, short_fit_args
 
-from svhn.backbones import TIMM_EXAMPLES, available_backbones, create_backbone
-from svhn.checkpoints import load_reader
-from svhn.module import DigitSequenceModel
+from svhn.inference.checkpoints import load_reader
+from svhn.inference.submission import read_submission
+from svhn.model.backbones import TIMM_EXAMPLES, available_backbones, create_backbone
+from svhn.model.training import DigitSequenceModel
 
 
 @pytest.mark.parametrize("name", available_backbones())
@@ -47,6 +47,28 @@ def test_local_pretrained_weights_are_loaded(tmp_path):
     assert model.num_features == 512
 
 
+def test_local_pretrained_weights_train_and_predict_without_the_file(easy_data_dir, easy_fit,
+                                                                     tmp_path):
+    # From svhn.fit to svhn.predict: the weights file is read once, by the fit.
+    reference = timm.create_model("test_resnet", num_classes=1000)
+    marked = next(k for k, v in reference.state_dict().items() if v.dim() == 4)
+    reference.state_dict()[marked].fill_(0.0123)
+    weights = tmp_path / "test_resnet_imagenet.pth"
+    torch.save(reference.state_dict(), weights)
+    # lr 0: the saved backbone is exactly what was loaded.
+    run = easy_fit(easy_data_dir, tmp_path / "cache", tmp_path / "runs",
+                   *short_fit_args("--model.backbone", "test_resnet", "--model.lr", "0",
+                                   "--model.pretrained_weights", str(weights),
+                                   "--trainer.max_epochs", "1",
+                                   "--trainer.limit_train_batches", "1"))
+    state = torch.load(run.last, weights_only=False)["state_dict"]
+    assert torch.all(state[f"reader.backbone.{marked}"] == 0.0123)
+
+    weights.unlink()  # a checkpoint carries its weights: predict must not need the file
+    out = tmp_path / "val.csv"
+    assert run_predict(run, run.last, out=out) == 0
+    assert len(read_submission(out)) == 81
+
 def test_missing_or_wrong_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         create_backbone("resnet18", pretrained_weights=str(tmp_path / "none.pth"))
@@ -63,11 +85,11 @@ def test_unknown_backbone_and_pretrained_classic_are_errors():
         create_backbone("simple_cnn", pretrained=True)
 
 
-def test_models_cli_prints_the_table():
+def test_models_cli_prints_the_table(tmp_path):
     # The repository under test, whatever the working folder (tests run in a temp folder).
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = subprocess.run([sys.executable, "-m", "svhn.backbones", "--timm", "resnet18"],
-                         capture_output=True, text=True, check=True, env=env).stdout
+    done = run_module(["svhn.backbones", "--timm", "resnet18"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
     assert "simple_cnn" in out and "resnet18" in out and "(1, 512)" in out
 
 
@@ -76,7 +98,7 @@ def test_pretrained_without_network_fails_at_once_naming_the_offline_ways(monkey
         raise OSError("Name or service not known")
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr("svhn.backbones.socket.create_connection", unreachable)
+    monkeypatch.setattr("svhn.model.backbones.socket.create_connection", unreachable)
     with pytest.raises(ValueError, match="cannot be reached") as error:
         create_backbone("resnet18", pretrained=True)
     for way in ("--model.pretrained_weights FILE", "HF_HUB_OFFLINE=1",
@@ -87,9 +109,9 @@ def test_pretrained_without_network_fails_at_once_naming_the_offline_ways(monkey
 def test_hub_offline_mode_skips_the_network_check(monkeypatch):
     checked = []
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("svhn.backbones.socket.create_connection",
+    monkeypatch.setattr("svhn.model.backbones.socket.create_connection",
                         lambda *a, **k: checked.append(a))
-    monkeypatch.setattr("svhn.backbones.timm.create_model",
+    monkeypatch.setattr("svhn.model.backbones.timm.create_model",
                         lambda *a, **k: torch.nn.Identity())  # the hub cache is not ours
     create_backbone("resnet18", pretrained=True)
     assert checked == []

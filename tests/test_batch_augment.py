@@ -1,4 +1,4 @@
-"""Tests for augmentation on the model's device (svhn.batch_augment, augment_on: device).
+"""Tests for augmentation on the model's device (svhn.data.batch_augment, augment_on: device).
 
 The albumentations presets are the reference: the device path must give the same
 distribution of crops, boxes and colours (statistics, not pixels), keep each box on its
@@ -7,9 +7,6 @@ digits, repeat under a seed and run inside a Trainer, also under 2-process CPU D
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.drawing import bright_extent, rectangles
+from helpers.runs import run_module
 from lightning.pytorch.callbacks import Callback
 
-from svhn.batch_augment import BatchAugment, affine_grid, derive_seed
-from svhn.data import SVHNDataModule
-from svhn.module import DigitSequenceModel
+from svhn.data.batch_augment import BatchAugment, affine_grid, derive_seed
+from svhn.data.datamodule import SVHNDataModule
+from svhn.model.training import DigitSequenceModel
 
-REPO = Path(__file__).resolve().parents[1]
 PRESETS = ("baseline", "strong", "zoom")
 IMAGE_SIZE = (32, 64)
 
@@ -35,28 +33,6 @@ def datamodule(data_dir: Path, cache_dir: Path, preset: str = "zoom", **kwargs
     kwargs = {"image_size": IMAGE_SIZE, "cache_scale": 2.0, "num_workers": 0,
               "batch_size": 16, "augment": preset, "box_targets": True, **kwargs}
     return SVHNDataModule(str(data_dir), cache_dir=str(cache_dir), **kwargs)
-
-
-def rectangles(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Dark uint8 images with a bright rectangle filling each normalised box."""
-    height, width = size
-    ys = (torch.arange(height) + 0.5) / height
-    xs = (torch.arange(width) + 0.5) / width
-    x0, y0, x1, y1 = (boxes[:, i, None, None] for i in range(4))
-    inside = (xs >= x0) & (xs <= x1) & (ys[:, None] >= y0) & (ys[:, None] <= y1)
-    images = torch.where(inside, 230, 20).to(torch.uint8)
-    return images[:, None].expand(-1, 3, -1, -1).contiguous()
-
-
-def bright_extent(images: torch.Tensor) -> torch.Tensor:
-    """The normalised bounding box of each image's bright pixels (pixel edges)."""
-    height, width = images.shape[-2:]
-    bright = images[:, 0] > 125
-    rows, cols = bright.any(2), bright.any(1)
-    first = lambda m: m.float().argmax(1)  # noqa: E731
-    last = lambda m: m.shape[1] - 1 - m.flip(1).float().argmax(1)  # noqa: E731
-    return torch.stack([first(cols) / width, first(rows) / height,
-                        (last(cols) + 1) / width, (last(rows) + 1) / height], 1)
 
 
 @pytest.mark.parametrize("backend", ["torch", "opencv"])
@@ -306,8 +282,7 @@ def test_a_seeded_fit_augments_the_same_batches_again(synthetic_data_dir, image_
 
 
 def test_ddp_two_cpu_processes_train_with_device_augmentation(synthetic_data_dir, tmp_path):
-    args = [sys.executable, "-m", "svhn.fit",
-            "--data.data_dir", str(synthetic_data_dir), "--data.cache_dir",
+    args = ["svhn.fit", "--data.data_dir", str(synthetic_data_dir), "--data.cache_dir",
             str(tmp_path / "cache"), "--data.num_workers", "0", "--data.image_size", "[32, 64]",
             "--data.batch_size", "16", "--data.augment", "zoom", "--data.cache_scale", "2",
             "--data.augment_on", "device", "--model.box_head", "true",
@@ -316,9 +291,7 @@ def test_ddp_two_cpu_processes_train_with_device_augmentation(synthetic_data_dir
             "--trainer.devices", "2", "--trainer.strategy", "ddp",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
             "--trainer.enable_progress_bar", "false"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env=env)
+    result = run_module(args, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "default" / "version_0"
     assert "augment_on: device" in (run_dir / "config.yaml").read_text()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from svhn import bench
+from svhn.analysis import bench
 
 TINY_RUN = ["--backbones", "simple_cnn", "--batch_size", "8", "--max_batches", "2",
             "--repeats", "1", "--num_workers", "0", "--device", "cpu", "--threads", "1"]

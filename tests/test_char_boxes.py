@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from helpers.drawing import bright_extent, rectangles
 from PIL import Image
-from test_batch_augment import bright_extent, rectangles
 
-from svhn.batch_augment import BatchAugment
-from svhn.checkpoints import load_reader
-from svhn.data import SVHNDataModule
-from svhn.labels import BLANK
-from svhn.module import digit_box_loss
+from svhn.data.batch_augment import BatchAugment
+from svhn.data.datamodule import SVHNDataModule
+from svhn.data.labels import BLANK
+from svhn.inference.checkpoints import load_reader
+from svhn.model.training import digit_box_loss
 
 MAX_LEN = 2  # the easy set's numbers have 1 or 2 digits
 

@@ -1,4 +1,3 @@
-import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -6,26 +5,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers.layout import read_labels, write_layout, write_split
 from PIL import Image
 
-from svhn.data import DataError, SVHNDataModule, list_split
-from svhn.images import ImageReadError
-from svhn.labels import BLANK, load_labels
-
-
-def make_layout(root: Path, labels: dict[str, list[int]], split: str = "train",
-                size=(40, 20)) -> Path:
-    """A tiny competition layout: coloured images with one box per digit."""
-    folder = root / f"mchar_{split}"
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = {}
-    for i, (name, digits) in enumerate(labels.items()):
-        Image.new("RGB", size, (i * 40 % 255, 100, 50)).save(folder / name)
-        n = len(digits)
-        entries[name] = {"label": digits, "left": [5 + 10 * k for k in range(n)],
-                         "top": [2] * n, "width": [8] * n, "height": [15] * n}
-    (root / f"mchar_{split}.json").write_text(json.dumps(entries))
-    return root
+from svhn.data.datamodule import SVHNDataModule
+from svhn.data.images import ImageReadError
+from svhn.data.labels import BLANK, load_labels
+from svhn.data.layout import DataError, list_split
 
 
 def datamodule(root, tmp_path, **kwargs):
@@ -36,13 +22,12 @@ def datamodule(root, tmp_path, **kwargs):
 
 @pytest.fixture
 def small_layout(tmp_path):
-    root = tmp_path / "data"
-    make_layout(root, {"000000.png": [1, 9], "000001.png": [2], "000002.png": [3, 4, 5]})
-    make_layout(root, {"000000.png": [7], "000001.png": [8, 0]}, split="val")
-    (root / "mchar_test_a").mkdir()
-    for i in range(3):
-        Image.new("RGB", (30, 15)).save(root / "mchar_test_a" / f"{i:06d}.png")
-    return root
+    """Train and val of 40x20 images, one 8x15 box per digit; 3 unlabelled test-A images."""
+    root = write_layout(tmp_path / "data",
+                        train={"000000.png": [1, 9], "000001.png": [2], "000002.png": [3, 4, 5]},
+                        val={"000000.png": [7], "000001.png": [8, 0]})
+    return write_split(root, "test_a", [f"{i:06d}.png" for i in range(3)], size=(30, 15),
+                       image=(0, 0, 0))
 
 
 def test_batches_carry_images_targets_lengths_boxes_and_names(small_layout, tmp_path):
@@ -82,7 +67,7 @@ def test_predict_split_has_names_and_no_targets(small_layout, tmp_path):
 
 
 def test_long_labels_left_out_with_warning_unless_max_len_allows(tmp_path):
-    root = make_layout(tmp_path / "d", {"a.png": [1, 2, 3, 4, 5, 6], "b.png": [1]})
+    root = write_split(tmp_path / "d", "train", {"a.png": [1, 2, 3, 4, 5, 6], "b.png": [1]})
     with pytest.warns(UserWarning, match="left out 1 image"):
         assert len(list_split(root, "train", max_len=5).samples) == 1
     assert len(list_split(root, "train", max_len=6).samples) == 2
@@ -130,6 +115,24 @@ def test_eval_sampler_sees_each_item_exactly_once_across_ranks(small_layout, tmp
         seen += list(dm._eval_sampler(data))
     assert sorted(seen) == data  # no repeats: each validation image counted once
 
+
+def test_each_dataloader_worker_draws_its_own_augmentations(easy_data_dir, tmp_path):
+    # Eight copies of one image: without per-worker seeding, forked workers replay the same
+    # augmentation stream and the first batch of each worker would be identical.
+    source = easy_data_dir / "mchar_train" / "000000.png"
+    copies = {f"{i:06d}.png": read_labels(easy_data_dir / "mchar_train.json")["000000.png"]
+              for i in range(8)}
+    root = write_layout(tmp_path / "same", train=copies, val=copies,
+                        image=lambda name: Image.open(source))
+    data = SVHNDataModule(str(root), image_size=(32, 64), num_workers=2, batch_size=1,
+                          augment="baseline", augment_on="cpu",
+                          cache_dir=str(tmp_path / "cache"))
+    data.prepare_data()
+    data.setup("fit")
+    batches = iter(data.train_dataloader())
+    first_of_worker0, first_of_worker1 = next(batches)["image"], next(batches)["image"]
+    del batches  # stops the workers
+    assert not torch.equal(first_of_worker0, first_of_worker1)
 
 def test_synthetic_fallback_says_where_it_looked(tmp_path, capsys):
     # The autouse fixture runs each test in its tmp_path: data/mchar is absent here.

@@ -1,6 +1,7 @@
-import os
-import subprocess
-import sys
+"""Training (svhn.fit): short fits that learn, resuming, validate and test, DDP, logging
+integrations, optimisers and schedules at run time, and what each config resolves to."""
+
+import math
 from pathlib import Path
 
 import lightning as L
@@ -8,15 +9,23 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import PLAIN_MODEL
+from helpers.repository import REPO
+from helpers.runs import (
+    PLAIN_MODEL,
+    checkpoint_epoch,
+    learning_rates,
+    logged_row,
+    run_module,
+    short_fit_args,
+)
 
-from svhn.checkpoints import load_reader
-from svhn.data import SVHNDataModule
-from svhn.fit import build_cli
-from svhn.module import DigitSequenceModel
-from svhn.synthetic import generate_dataset
+from svhn.data.datamodule import SVHNDataModule
+from svhn.data.synthetic import generate_dataset
+from svhn.inference.checkpoints import load_reader
+from svhn.model.training import DigitSequenceModel
+from svhn.train.cli import build_cli
 
-REPO = Path(__file__).resolve().parents[1]
+VAL_METRICS = ("val/seq_acc", "val/position_acc", "val/pos0_acc", "val/pos1_acc")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +60,8 @@ def test_fast_dev_run(one_digit_data, tmp_path):
 def test_short_fit_learns_well_above_chance(one_digit_data, tmp_path, capsys):
     cli = build_cli(fit_args(one_digit_data, tmp_path, "--trainer.max_epochs", "6",
                              "--model.backbone", "vgg", "--data.augment", "none",
-                             "--data.max_len", "2"))
+                             "--data.max_len", "2", "--model.lr", "0.003",
+                             "--model.scheduler", "onecycle"))
     best = float(cli.trainer.checkpoint_callback.best_model_score)
     assert best > 0.3, f"val/seq_acc {best} is not clearly above chance (0.1)"
     out = capsys.readouterr().out
@@ -74,13 +84,6 @@ def test_resume_from_last_continues_the_same_run(one_digit_data, tmp_path):
     assert (run_dir / "config.yaml").read_text() == original_config  # never overwritten
     assert (run_dir / "config_resumed_1.yaml").is_file()
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
-
-
-def run_module(args: list[str], cwd: Path, env: dict | None = None,
-               timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
 
 
 def test_cli_default_config_falls_back_to_synthetic_data(tmp_path):
@@ -139,12 +142,13 @@ def test_wandb_offline_run_writes_local_files(one_digit_data, tmp_path):
 
 def test_ddp_two_cpu_processes_count_each_val_image_once(one_digit_data, tmp_path):
     args = ["svhn.fit", *fit_args(one_digit_data, tmp_path, "--trainer.max_epochs", "3",
-                                  "--model.lr", "0.01", "--data.max_len", "2",
+                                  "--model.lr", "0.01", "--model.scheduler", "onecycle",
+                                  "--data.max_len", "2",
                                   "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                                   "--trainer.strategy", "ddp")]
     result = run_module(args, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "default" / "version_0"
+    run_dir = tmp_path / "runs" / "svhn" / "version_0"
     logged = metrics_of(run_dir)["val/seq_acc"].dropna().iloc[-1]
 
     model = DigitSequenceModel.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
@@ -171,19 +175,21 @@ def test_last_checkpoint_is_refreshed_even_when_val_does_not_improve(one_digit_d
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
-def test_every_config_parses_on_top_of_the_default(config, capsys):
+def test_every_config_parses(config, capsys):
     with pytest.raises(SystemExit) as done:
         build_cli(["--config", str(REPO / "configs" / config), "--print_config"])
     assert done.value.code in (None, 0)
     assert "monitor: val/seq_acc" in capsys.readouterr().out
 
 
-# What each backbone config says it is, whatever default.yaml (the quick start) sets first.
+# What each config says it is: a --config starts from the neutral base (the classes' own
+# defaults), not from default.yaml (the quick start), so each states what it changes.
 CONFIG_MEANS = {
     "baseline.yaml": {"model.backbone": "resnet18", "model.feature_grid": None,
                       "model.box_head": False, "model.zoom_steps": 0, "model.optimizer": "adam",
                       "model.weight_decay": 0.0, "model.scheduler": "none",
-                      "model.channels_last": False, "trainer.precision": "32-true",
+                      "model.channels_last": False,
+                      "trainer.precision": None,  # Lightning's default: 32-true
                       "data.image_size": [64, 128], "data.cache_scale": 1.0,
                       "data.eval_scale": 1.0, "data.batch_size": 40,
                       "data.augment": "baseline", "data.synthetic_fallback": False},
@@ -191,10 +197,11 @@ CONFIG_MEANS = {
                       "model.box_head": False, "model.zoom_steps": 0,
                       "data.image_size": [64, 128], "data.cache_scale": 1.0,
                       "data.eval_scale": 1.0, "data.augment": "strong"},
+    # An overlay on resnet18.yaml (test_recipe_chains_of_overlays_compose reads the two).
     "resnet50.yaml": {"model.backbone": "resnet50", "model.feature_grid": None,
                       "model.box_head": False, "model.zoom_steps": 0,
                       "data.image_size": [96, 192], "data.cache_scale": 1.0,
-                      "data.eval_scale": 1.0, "data.augment": "strong"},
+                      "data.eval_scale": 1.0},
     "real_cpu.yaml": {"model.backbone": "resnet18d", "model.feature_grid": [2, 4],
                       "model.zoom_steps": 3, "model.zoom_search": True,
                       "data.image_size": [64, 128], "data.augment": "zoom",
@@ -205,7 +212,7 @@ CONFIG_MEANS = {
 
 
 @pytest.mark.parametrize("config", sorted(CONFIG_MEANS))
-def test_each_config_means_what_it_says_on_top_of_the_default(config, capsys):
+def test_each_config_means_what_it_says(config, capsys):
     with pytest.raises(SystemExit):
         build_cli(["--config", str(REPO / "configs" / config), "--print_config"])
     resolved = yaml.safe_load(capsys.readouterr().out)
@@ -256,3 +263,84 @@ def test_ema_weights_are_what_the_checkpoints_keep(one_digit_data, tmp_path):
         reader = load_reader(path)
         assert torch.equal(reader.state_dict()[name.removeprefix("reader.")],
                            averaged[name])  # predict reads the EMA
+
+
+# -- validate and test, on the easy run -------------------------------------------------
+
+
+def test_fit_validate_and_test_reproduce_the_logged_validation(easy_run, tmp_path):
+    logged = logged_row(easy_run, checkpoint_epoch(easy_run.best))
+    assert 0 < logged["val/seq_acc"] < 1
+    common = [*easy_run.args, "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--ckpt_path", str(easy_run.best)]
+    validated = build_cli(["validate", *common]).trainer.callback_metrics
+    for key in (*VAL_METRICS, "val/loss"):
+        assert validated[key].item() == pytest.approx(logged[key], abs=1e-6), key
+    tested = build_cli(["test", *common]).trainer.callback_metrics  # test reads val_on
+    for key in VAL_METRICS:
+        test_key = key.replace("val/", "test/")
+        assert tested[test_key].item() == pytest.approx(logged[key], abs=1e-6), test_key
+
+
+def test_ddp_validation_counts_every_metric_exactly_once(easy_run, tmp_path):
+    # 81 validation images on 2 processes: a padded, unsynchronised or double-counted
+    # metric would differ from the single-process values the training run logged.
+    logged = logged_row(easy_run, checkpoint_epoch(easy_run.best))
+    done = run_module(["svhn.fit", "validate", *easy_run.args,
+                       "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                       "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                       "--ckpt_path", str(easy_run.best)],
+                      cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (metrics_csv,) = (tmp_path / "runs").glob("*/version_*/metrics.csv")
+    distributed = pd.read_csv(metrics_csv).dropna(subset=["val/seq_acc"]).iloc[-1]
+    assert {0.0, 1.0}.isdisjoint({logged[k] for k in VAL_METRICS})  # all informative
+    for key in VAL_METRICS:
+        assert distributed[key] == pytest.approx(logged[key], abs=1e-6), key
+
+
+# -- resuming by name, optimisers and schedules at run time, on the easy set -------------
+
+
+def scheduled_args(*extra: str) -> tuple[str, ...]:
+    return short_fit_args("--model.optimizer", "adamw", "--model.scheduler", "cosine",
+                          "--model.lr", "0.01", "--trainer.max_epochs", "3", *extra)
+
+
+def test_resume_from_a_named_checkpoint_continues_run_and_schedule(easy_data_dir, easy_fit,
+                                                                   tmp_path):
+    cache = tmp_path / "cache"
+    reference = easy_fit(easy_data_dir, cache, tmp_path / "reference", *scheduled_args())
+    # AdamW with a per-step cosine schedule sized for 3 epochs of 3 steps.
+    expected = [0.01 * (1 + math.cos(math.pi * step / 9)) / 2 for step in range(9)]
+    assert learning_rates(reference.metrics, "lr-AdamW") == pytest.approx(expected, rel=1e-9)
+
+    # The same run stopped after its first epoch (as if interrupted), then resumed by path.
+    stop = tmp_path / "stop_after_first_epoch.yaml"
+    stop.write_text("trainer:\n  callbacks:\n"
+                    "    - class_path: lightning.pytorch.callbacks.EarlyStopping\n"
+                    "      init_args: {monitor: val/seq_acc, mode: max, "
+                    "stopping_threshold: -1.0}\n")
+    runs = tmp_path / "runs"
+    first = easy_fit(easy_data_dir, cache, runs, "--config", str(stop), *scheduled_args())
+    run_dir = first.metrics.parent
+    assert checkpoint_epoch(first.last) == 0
+    resumed = easy_fit(easy_data_dir, cache, runs, *scheduled_args(),
+                       "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"))
+    assert resumed.metrics.parent == run_dir  # the same run folder, not version_1
+    assert (run_dir / "config_resumed_1.yaml").is_file()
+    assert sorted(pd.read_csv(run_dir / "metrics.csv")["epoch"].dropna().unique()) == [0, 1, 2]
+    assert learning_rates(run_dir / "metrics.csv", "lr-AdamW") == pytest.approx(expected,
+                                                                                 rel=1e-9)
+
+
+def test_sgd_with_a_step_schedule_runs_as_configured(easy_data_dir, easy_fit, tmp_path):
+    run = easy_fit(easy_data_dir, tmp_path / "cache", tmp_path / "runs",
+                   *short_fit_args("--model.optimizer", "sgd", "--model.lr", "0.05",
+                                   "--model.momentum", "0.8", "--model.scheduler", "step",
+                                   "--model.step_epochs", "1", "--trainer.max_epochs", "3",
+                                   "--trainer.limit_train_batches", "2"))
+    # Logged once per epoch (the schedule steps per epoch): x0.1 every epoch.
+    assert learning_rates(run.metrics, "lr-SGD") == pytest.approx([0.05, 0.005, 0.0005])
+    group = torch.load(run.last, weights_only=False)["optimizer_states"][0]["param_groups"][0]
+    assert group["momentum"] == 0.8 and group["nesterov"] is True

@@ -2,62 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import PLAIN_MODEL, reading_logits
+from helpers.checkpoints import write_format_1_checkpoint
+from helpers.layout import entry, write_split
+from helpers.logits import reading_logits
+from helpers.runs import PLAIN_MODEL
 from lightning.pytorch.callbacks import ModelSummary
 from PIL import Image
 
-from svhn import inference, predict
-from svhn.checkpoints import CheckpointError, load_reader, read_checkpoint
-from svhn.images import DEFAULT_IMAGE_SIZE
-from svhn.reader import DigitReader
-
-# Format 1 (svhn before the reader had its own module): weights at the top level of the
-# state dict, ``zoom: bool`` beside ``zoom_steps``, no recorded format or precision. The
-# checkpoints are written here from a seeded reader, in exactly the layout that code saved
-# (checked against files it wrote), so no binary fixture lives in the repository.
-FORMAT_1_SETTINGS = {
-    "legacy_plain": {"feature_grid": None, "box_head": False, "zoom": False, "zoom_steps": 1},
-    "legacy_zoom": {"feature_grid": (2, 4), "box_head": True, "zoom": True, "zoom_steps": 2},
-}
-
-
-def write_format_1_checkpoint(path: Path, name: str) -> DigitReader:
-    """A format-1 checkpoint of a seeded simple_cnn reader at ``path``; returns the reader
-    (today's code, the same weights) whose outputs the old checkpoint must reproduce."""
-    old = FORMAT_1_SETTINGS[name]
-    torch.manual_seed(0)
-    reader = DigitReader(backbone="simple_cnn", image_size=(64, 128),
-                         feature_grid=old["feature_grid"], box_head=old["box_head"],
-                         zoom_steps=old["zoom_steps"] if old["zoom"] else 0).eval()
-    zoom = name == "legacy_zoom"
-    torch.save({
-        "epoch": 1, "global_step": 4, "pytorch-lightning_version": "2.6.6",
-        "state_dict": reader.state_dict(),  # top-level names: no "reader." prefix
-        "hparams_name": "kwargs",
-        "hyper_parameters": {
-            "backbone": "simple_cnn", "pretrained": False, "pretrained_weights": None,
-            "max_len": 5, "image_size": (64, 128), "hidden_dim": 0, "dropout": 0.0,
-            "label_smoothing": 0.0, "box_loss_weight": 1.0, "zoom_margin": 0.15,
-            "init_from": None, "optimizer": "adam", "lr": 0.001, "weight_decay": 0.0,
-            "momentum": 0.9, "scheduler": "none", "step_epochs": 10,
-            "channels_last": False, "compile": False, **old},
-        "datamodule_hparams_name": "kwargs",
-        "datamodule_hyper_parameters": {
-            "data_dir": "/tmp/legacy_data/mchar", "image_size": (64, 128), "batch_size": 16,
-            "num_workers": 0, "max_len": 5, "augment": "zoom" if zoom else "baseline",
-            "train_on": ("train",), "val_on": "val", "predict_on": "test_a",
-            "cache_dir": None, "cache_scale": 2.0 if zoom else 1.0,
-            "eval_scale": 2.0 if zoom else 1.0, "box_targets": zoom,
-            "synthetic_fallback": False, "synthetic_size": 2000, "extra_train": (),
-            "synthetic_extra": 0},
-    }, path)
-    return reader
+from svhn.data.images import DEFAULT_IMAGE_SIZE
+from svhn.inference import cli as predict_cli
+from svhn.inference import ensemble, predictions, predictor, views
+from svhn.inference.checkpoints import CheckpointError, load_reader, read_checkpoint
+from svhn.model import vote
 
 
 @pytest.fixture
@@ -131,19 +92,19 @@ def test_ensemble_members_must_share_max_len(tmp_path, legacy_plain):
         torch.save(raw, tmp_path / f"{name}.ckpt")
         members.append(read_checkpoint(tmp_path / f"{name}.ckpt"))
     with pytest.raises(CheckpointError, match=r"a.ckpt: 5, b.ckpt: 6"):
-        inference.shared_max_len(members)
+        ensemble.shared_max_len(members)
 
 
 def test_views_are_deterministic_and_keep_the_shape():
     images = torch.randn(2, 3, 16, 32)
-    assert torch.equal(inference.VIEWS["identity"](images), images)
-    for name in inference.TTA_VIEWS:
-        view = inference.VIEWS[name](images)
+    assert torch.equal(views.VIEWS["identity"](images), images)
+    for name in views.TTA_VIEWS:
+        view = views.VIEWS[name](images)
         assert view.shape == images.shape
-        assert torch.equal(view, inference.VIEWS[name](images))
-    assert not torch.allclose(inference.VIEWS["shift_left"](images), images)
+        assert torch.equal(view, views.VIEWS[name](images))
+    assert not torch.allclose(views.VIEWS["shift_left"](images), images)
     with pytest.raises(ValueError, match="unknown views"):
-        inference.check_views(["upside_down"])
+        views.check_views(["upside_down"])
 
 
 def test_tta_averages_the_views_probabilities(legacy_plain):
@@ -151,19 +112,19 @@ def test_tta_averages_the_views_probabilities(legacy_plain):
     images = legacy_images()["legacy_plain"]
     batch = {"image": images, "file_name": list("abcd"), "target": torch.zeros(4, 5)}
     with torch.inference_mode():
-        tta = inference.ReaderPredictor(reader, inference.TTA_VIEWS).predict_step(batch, 0)
-        per_view = [inference.ReaderPredictor(reader, (v,)).predict_step(batch, 0)["probs"]
-                    for v in inference.TTA_VIEWS]
+        tta = predictor.ReaderPredictor(reader, views.TTA_VIEWS).predict_step(batch, 0)
+        per_view = [predictor.ReaderPredictor(reader, (v,)).predict_step(batch, 0)["probs"]
+                    for v in views.TTA_VIEWS]
     assert torch.allclose(tta["probs"], torch.stack(per_view).mean(0), atol=1e-6)
     assert not torch.allclose(per_view[0], per_view[1])  # the views really differ
 
 
 def test_the_ensemble_averages_members_and_refuses_different_images():
-    a = inference.Predictions(["x", "y"], torch.zeros(2, 5, 11))
-    b = inference.Predictions(["x", "y"], torch.ones(2, 5, 11))
-    assert torch.equal(inference.combine([a, b]).probs, torch.full((2, 5, 11), 0.5))
+    a = predictions.Predictions(["x", "y"], torch.zeros(2, 5, 11))
+    b = predictions.Predictions(["x", "y"], torch.ones(2, 5, 11))
+    assert torch.equal(ensemble.combine([a, b]).probs, torch.full((2, 5, 11), 0.5))
     with pytest.raises(RuntimeError, match="different images"):
-        inference.combine([a, inference.Predictions(["x", "z"], torch.ones(2, 5, 11))])
+        ensemble.combine([a, predictions.Predictions(["x", "z"], torch.ones(2, 5, 11))])
 
 
 def chains_reading(readings: list[list[int]], confidences: list[float],
@@ -187,25 +148,27 @@ def test_an_ensemble_of_searching_readers_votes_over_all_their_chains():
                                       [there, here, here])
     members = []
     for probs, boxes in ((a_probs, a_boxes), (b_probs, b_boxes)):
-        voted, box = inference.vote_over_chains(probs, boxes)
-        members.append(inference.Predictions(["x"], voted, box, None, probs, boxes))
+        voted, box = vote.vote_over_chains(probs, boxes)
+        members.append(predictions.Predictions(file_names=["x"], probs=voted, boxes=box,
+                                               chain_probs=probs, chain_boxes=boxes))
     assert members[0].probs.argmax(-1).tolist() == [[1, 2, 10, 10, 10]]
     assert members[1].probs.argmax(-1).tolist() == [[7, 10, 10, 10, 10]]
     # Averaging the two answers follows b's more confident "7"; all the chains together
     # back "12" here (0.23 + 0.47 against 0.03 + 0.59 for "7").
     mean = torch.stack([m.probs for m in members]).mean(0)
     assert mean.argmax(-1).tolist() == [[7, 10, 10, 10, 10]]
-    both = inference.combine(members)
+    both = ensemble.combine(members)
     assert both.probs.argmax(-1).tolist() == [[1, 2, 10, 10, 10]]
     torch.testing.assert_close(both.boxes, torch.tensor([here]))
     assert both.chain_probs.shape == (1, 7, 5, 11)
     paths = [Path("a.ckpt"), Path("b.ckpt")]
-    assert "one vote over all 7 zoom chains" in inference.combination_notice(members, paths)
+    assert "one vote over all 7 zoom chains" in ensemble.combination_notice(members, paths)
     # A member without chains (no search): the answers are averaged, and the user is told.
-    plain = inference.Predictions(["x"], a_probs[:, 0], torch.tensor([here]))
-    torch.testing.assert_close(inference.combine([members[1], plain]).probs,
+    plain = predictions.Predictions(file_names=["x"], probs=a_probs[:, 0],
+                                    boxes=torch.tensor([here]))
+    torch.testing.assert_close(ensemble.combine([members[1], plain]).probs,
                                (members[1].probs + plain.probs) / 2)
-    notice = inference.combination_notice([members[1], plain], paths)
+    notice = ensemble.combination_notice([members[1], plain], paths)
     assert "averaged" in notice and "b.ckpt does not run the zoom search" in notice
 
 
@@ -226,16 +189,16 @@ class ChainsOnly(torch.nn.Module):
 
 
 def test_test_time_views_of_a_searching_reader_vote_with_all_their_chains():
-    views = ("identity", "shift_right", "zoom_in")
+    names = ("identity", "shift_right", "zoom_in")
     batch = {"image": torch.rand(2, 3, 16, 32), "file_name": ["a", "b"],
              "target": torch.zeros(2, 5)}
-    out = inference.ReaderPredictor(ChainsOnly(), views).predict_step(batch, 0)
+    out = predictor.ReaderPredictor(ChainsOnly(), names).predict_step(batch, 0)
     assert out["chain_probs"].shape == (2, 9, 5, 11)
     # Each view's boxes are put back where they are in the image, not the view.
-    for index, name in enumerate(views):
-        expected = inference.VIEWS[name].box_to_image(torch.tensor([0.2, 0.2, 0.6, 0.6]))
+    for index, name in enumerate(names):
+        expected = views.VIEWS[name].box_to_image(torch.tensor([0.2, 0.2, 0.6, 0.6]))
         torch.testing.assert_close(out["chain_boxes"][:, 3 * index], expected.expand(2, 4))
-    probs, box = inference.vote_over_chains(out["chain_probs"], out["chain_boxes"])
+    probs, box = vote.vote_over_chains(out["chain_probs"], out["chain_boxes"])
     torch.testing.assert_close(out["probs"], probs)
     torch.testing.assert_close(out["box"], box)
 
@@ -243,7 +206,7 @@ def test_test_time_views_of_a_searching_reader_vote_with_all_their_chains():
 def test_views_map_the_boxes_they_find_back_to_the_image():
     image = torch.zeros(1, 1, 40, 100)
     image[..., 10:30, 30:50] = 1.0  # a block at x 0.3-0.5, y 0.25-0.75
-    for name, view in inference.VIEWS.items():
+    for name, view in views.VIEWS.items():
         seen = view(image)[0, 0] > 0.5
         columns, rows = seen.any(0).nonzero()[:, 0], seen.any(1).nonzero()[:, 0]
         found = torch.tensor([[columns.min() / 100, rows.min() / 40,
@@ -254,16 +217,16 @@ def test_views_map_the_boxes_they_find_back_to_the_image():
 
 
 def test_gathered_rows_must_cover_each_image_exactly_once():
-    part = inference.Predictions(["b", "a"], torch.arange(2.0).view(2, 1, 1))
-    merged = inference._merge_sorted([part], ["a", "b"])
+    part = predictions.Predictions(["b", "a"], torch.arange(2.0).view(2, 1, 1))
+    merged = predictions.merge_sorted([part], ["a", "b"])
     assert merged.file_names == ["a", "b"] and merged.probs.flatten().tolist() == [1.0, 0.0]
     with pytest.raises(RuntimeError, match="exactly once"):
-        inference._merge_sorted([part, part], ["a", "b"])
+        predictions.merge_sorted([part, part], ["a", "b"])
 
 
 def test_a_previous_format_checkpoint_validates_through_the_fit_cli(synthetic_data_dir,
                                                                      tmp_path, legacy_plain):
-    from svhn.fit import build_cli
+    from svhn.train.cli import build_cli
 
     legacy = legacy_plain
     cli = build_cli(["validate", *PLAIN_MODEL, "--ckpt_path", str(legacy),
@@ -280,45 +243,43 @@ def test_a_previous_format_checkpoint_validates_through_the_fit_cli(synthetic_da
 def test_views_move_and_zoom_the_image_about_its_centre():
     columns = torch.arange(40.0).expand(2, 3, 8, 40)  # each pixel holds its column index
     rows = torch.arange(8.0)[:, None].expand(2, 3, 8, 40)  # ... or its row index
-    moved = inference.AffineView(shift_x=0.1)  # 0.1 of the width: 4 columns right
+    moved = views.AffineView(shift_x=0.1)  # 0.1 of the width: 4 columns right
     torch.testing.assert_close(moved(columns)[..., 4:], columns[..., :-4], atol=1e-4, rtol=0)
     torch.testing.assert_close(moved(rows), rows, atol=1e-4, rtol=0)  # rows stay
-    zoomed = inference.AffineView(scale=2.0)  # twice as large about the centre
+    zoomed = views.AffineView(scale=2.0)  # twice as large about the centre
     column, row = torch.arange(40.0), torch.arange(8.0)
     torch.testing.assert_close(zoomed(columns)[1, 2, 0], 19.5 + (column - 19.5) / 2,
                                atol=1e-4, rtol=0)
     torch.testing.assert_close(zoomed(rows)[1, 2, :, 0], 3.5 + (row - 3.5) / 2, atol=1e-4,
                                rtol=0)
     wide = torch.arange(100.0).expand(1, 1, 4, 100)
-    left = inference.VIEWS["shift_left"](wide)
+    left = views.VIEWS["shift_left"](wide)
     torch.testing.assert_close(left[..., :-4], wide[..., 4:], atol=1e-3, rtol=0)
-    closer = inference.VIEWS["zoom_in"](wide)[0, 0, 0]
+    closer = views.VIEWS["zoom_in"](wide)[0, 0, 0]
     assert closer[0] > 1.0 and closer[-1] < 98.0  # the edges move out of view
-    farther = inference.VIEWS["zoom_out"](wide)[0, 0, 0]
+    farther = views.VIEWS["zoom_out"](wide)[0, 0, 0]
     assert farther[0] == 0.0 and farther[-1] == 99.0  # the border repeats, no black edge
 
 
 def tiny_val_folder(root: Path, count: int = 5) -> Path:
     """A competition folder whose val split holds ``count`` noise images of varied sizes,
     labelled ``[i % 10, 3]``, written in reverse name order."""
-    (root / "mchar_val").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    entries = {}
-    for i in reversed(range(count)):
+
+    def noise(name: str) -> Image.Image:
         width, height = int(rng.integers(40, 90)), int(rng.integers(20, 50))
-        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / "mchar_val" / f"{i:06d}.png")
-        entries[f"{i:06d}.png"] = {"label": [i % 10, 3], "left": [2, 10], "top": [2, 3],
-                                   "width": [8, 8], "height": [15, 15]}
-    (root / "mchar_val.json").write_text(json.dumps(entries))
-    return root
+        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+    labels = {f"{i:06d}.png": entry([i % 10, 3], at=(2, 2), step=8, top=[2, 3])
+              for i in reversed(range(count))}
+    return write_split(root, "val", labels, image=noise)
 
 
 def reader_outputs(checkpoint: Path, data_dir: Path, cache_dir: Path,
                    zoom_search: bool | None = None) -> dict:
     """The checkpoint's reader applied directly to the split's evaluation images."""
     contents = read_checkpoint(checkpoint)
-    data = inference.evaluation_datamodule(contents, data_dir, "val", cache_dir=cache_dir)
+    data = predictor.evaluation_datamodule(contents, data_dir, "val", cache_dir=cache_dir)
     data.setup("predict")
     items = [data.predict_set[i] for i in range(len(data.predict_set))]
     reader = load_reader(contents, zoom_search=zoom_search)
@@ -339,26 +300,26 @@ def test_predict_split_returns_each_reader_s_reading_in_file_name_order(tmp_path
                 (plain, zoom)}
     for path in (plain, zoom):
         assert expected[path]["names"] == names
-        got = inference.predict_split([path], data_dir, "val", **options)
+        got = predictor.predict_split([path], data_dir, "val", **options)
         assert got.file_names == names and got.targets is None and len(got) == 5
         torch.testing.assert_close(got.probs, expected[path]["probs"], atol=1e-5, rtol=0)
         if path == zoom:
             torch.testing.assert_close(got.boxes, expected[zoom]["box"], atol=1e-5, rtol=0)
         else:
             assert got.boxes is None
-    labelled = inference.predict_split([plain], data_dir, "val", labelled=True, **options)
+    labelled = predictor.predict_split([plain], data_dir, "val", labelled=True, **options)
     assert labelled.targets.tolist() == [[i % 10, 3, 10, 10, 10] for i in range(5)]
-    both = inference.predict_split([plain, zoom], data_dir, "val", **options)
+    both = predictor.predict_split([plain, zoom], data_dir, "val", **options)
     mean = (expected[plain]["probs"] + expected[zoom]["probs"]) / 2
     torch.testing.assert_close(both.probs, mean, atol=1e-5, rtol=0)
     assert both.boxes is None  # not every member has a box
     assert both.checkpoints == [plain, zoom] and both.split == "val"
-    twice = inference.predict_split([zoom, zoom], data_dir, "val", **options)
+    twice = predictor.predict_split([zoom, zoom], data_dir, "val", **options)
     torch.testing.assert_close(twice.boxes, expected[zoom]["box"], atol=1e-5, rtol=0)
-    tta = inference.predict_split([plain], data_dir, "val", views=inference.TTA_VIEWS,
+    tta = predictor.predict_split([plain], data_dir, "val", views=views.TTA_VIEWS,
                                   **options)
-    per_view = [inference.predict_split([plain], data_dir, "val", views=(view,), **options)
-                for view in inference.TTA_VIEWS]
+    per_view = [predictor.predict_split([plain], data_dir, "val", views=(view,), **options)
+                for view in views.TTA_VIEWS]
     torch.testing.assert_close(tta.probs, torch.stack([v.probs for v in per_view]).mean(0),
                                atol=1e-5, rtol=0)
     assert not torch.allclose(tta.probs, expected[plain]["probs"], atol=1e-4)
@@ -371,7 +332,7 @@ def test_zoom_search_is_as_trained_unless_told_and_needs_a_reader_that_zooms(tmp
     write_format_1_checkpoint(plain, "legacy_plain")
     write_format_1_checkpoint(zoom, "legacy_zoom")
     options = {"cache_dir": tmp_path / "cache", "accelerator": "cpu"}
-    searched = inference.predict_split([zoom], data_dir, "val", zoom_search=True, **options)
+    searched = predictor.predict_split([zoom], data_dir, "val", zoom_search=True, **options)
     expected = reader_outputs(zoom, data_dir, tmp_path / "cache", zoom_search=True)
     torch.testing.assert_close(searched.probs, expected["probs"], atol=1e-5, rtol=0)
     torch.testing.assert_close(searched.boxes, expected["box"], atol=1e-5, rtol=0)
@@ -381,9 +342,9 @@ def test_zoom_search_is_as_trained_unless_told_and_needs_a_reader_that_zooms(tmp
     torch.save(raw, zoom)
     assert load_reader(zoom).zoom_search and not load_reader(zoom, zoom_search=False).zoom_search
     with pytest.raises(CheckpointError, match=f"{plain}: zoom search needs a reader that"):
-        inference.predict_split([plain], data_dir, "val", zoom_search=True, **options)
+        predictor.predict_split([plain], data_dir, "val", zoom_search=True, **options)
     out = tmp_path / "out.csv"
-    assert predict.main([str(plain), "--data_dir", str(data_dir), "--split", "val",
+    assert predict_cli.main([str(plain), "--data_dir", str(data_dir), "--split", "val",
                          "--zoom_search", "--out", str(out)]) == 2
     assert "zoom search needs" in capsys.readouterr().err and not out.exists()
 
@@ -397,7 +358,7 @@ def test_the_evaluation_data_module_takes_the_checkpoint_s_settings(tmp_path):
     raw["datamodule_hyper_parameters"]["image_size"] = (48, 96)
     torch.save(raw, path)
     contents = read_checkpoint(path)
-    data = inference.evaluation_datamodule(contents, data_dir, "val",
+    data = predictor.evaluation_datamodule(contents, data_dir, "val",
                                            cache_dir=tmp_path / "cache")
     settings = data.hparams
     assert (settings.cache_scale, settings.eval_scale) == (2.0, 2.0)
@@ -406,11 +367,11 @@ def test_the_evaluation_data_module_takes_the_checkpoint_s_settings(tmp_path):
     data.setup("predict")
     assert data.predict_set[0]["image"].shape == (3, 96, 192)  # read at eval_scale
     assert any((tmp_path / "cache").iterdir())  # the cache went where it was told
-    assert inference.evaluation_datamodule(contents, data_dir, "val").hparams.cache_dir is None
+    assert predictor.evaluation_datamodule(contents, data_dir, "val").hparams.cache_dir is None
 
 
 def test_the_prediction_trainer_runs_as_asked_and_writes_nothing(tmp_path):
-    trainer = inference.build_trainer("cpu", 1, None, "bf16-mixed", limit_batches=3,
+    trainer = predictor.build_trainer("cpu", 1, None, "bf16-mixed", limit_batches=3,
                                       progress_bar=False)
     assert trainer.precision == "bf16-mixed" and trainer.num_devices == 1
     assert trainer.logger is None and trainer.checkpoint_callback is None
@@ -418,7 +379,7 @@ def test_the_prediction_trainer_runs_as_asked_and_writes_nothing(tmp_path):
     assert not any(isinstance(c, ModelSummary) for c in trainer.callbacks)
     assert not any(tmp_path.iterdir())
     marker = ModelSummary()  # any callback given (the benchmark's timer) is used
-    default = inference.build_trainer(callbacks=[marker])
+    default = predictor.build_trainer(callbacks=[marker])
     assert marker in default.callbacks and default.progress_bar_callback is not None
     assert default.precision == "32-true" and default.num_devices == 1
 
@@ -431,26 +392,26 @@ def test_each_checkpoint_runs_in_its_validation_precision_unless_told(tmp_path, 
     raw = torch.load(path, weights_only=False)
     torch.save({**raw, "trainer_precision": "bf16-mixed"}, path)
     built, loaded = [], []
-    real_trainer, real_reader = inference.build_trainer, inference.load_reader
-    monkeypatch.setattr(inference, "build_trainer",
+    real_trainer, real_reader = predictor.build_trainer, predictor.load_reader
+    monkeypatch.setattr(predictor, "build_trainer",
                         lambda *a, **k: built.append(a) or real_trainer("cpu", 1, None, a[3]))
-    monkeypatch.setattr(inference, "load_reader",
+    monkeypatch.setattr(predictor, "load_reader",
                         lambda c, channels_last=None, zoom_search=None:
                         loaded.append(channels_last)
                         or real_reader(c, channels_last=channels_last, zoom_search=zoom_search))
-    inference.predict_split([path], data_dir, "val", cache_dir=tmp_path / "cache",
+    predictor.predict_split([path], data_dir, "val", cache_dir=tmp_path / "cache",
                             accelerator="cpu", strategy="ddp_spawn", channels_last=True)
     assert built[-1] == ("cpu", 1, "ddp_spawn", "bf16-mixed") and loaded[-1] is True
     assert "in bf16-mixed (as validated)" in capsys.readouterr().out
-    inference.predict_split([path], data_dir, "val", cache_dir=tmp_path / "cache",
+    predictor.predict_split([path], data_dir, "val", cache_dir=tmp_path / "cache",
                             precision="32-true")
     assert built[-1][3] == "32-true" and loaded[-1] is None
     assert "in 32-true (as given)" in capsys.readouterr().out
 
 
 def test_only_the_first_process_of_a_distributed_run_writes(monkeypatch):
-    assert inference.is_global_zero()  # not distributed: this process writes
-    monkeypatch.setattr(inference.dist, "is_initialized", lambda: True)
+    assert predictor.is_global_zero()  # not distributed: this process writes
+    monkeypatch.setattr(predictor.dist, "is_initialized", lambda: True)
     for rank, writes in ((0, True), (1, False), (2, False)):
-        monkeypatch.setattr(inference.dist, "get_rank", lambda rank=rank: rank)
-        assert inference.is_global_zero() is writes
+        monkeypatch.setattr(predictor.dist, "get_rank", lambda rank=rank: rank)
+        assert predictor.is_global_zero() is writes

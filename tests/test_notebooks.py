@@ -1,7 +1,8 @@
 """The notebooks stay clean (no outputs, no logic of their own) and run end to end.
 
-They execute with nbclient in ``notebooks/`` on the tiny synthetic run of test_report.py;
-with ``SVHN_DATA_DIR`` set, notebook 01 also runs on that (real) data with a temp cache.
+They execute with nbclient in ``notebooks/`` on conftest's tiny synthetic run (``tiny_run``,
+shared with test_report.py); with ``SVHN_DATA_DIR`` set, notebook 01 also runs on that (real)
+data with a temp cache.
 """
 
 from __future__ import annotations
@@ -13,18 +14,12 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
-from test_report import make_tiny_run
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 EXPLORE = NOTEBOOKS / "01_explore_data.ipynb"
 ERRORS = NOTEBOOKS / "02_error_analysis.ipynb"
 MAX_CODE_LINES = 8
 LOGIC = re.compile(r"^\s*(def |class |for |while |with |try:|if )", re.MULTILINE)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_tiny_run(tmp_path_factory.getbasetemp())
 
 
 def code_cells(path: Path) -> list[nbformat.NotebookNode]:
@@ -64,21 +59,21 @@ def test_notebook_cells_are_short_calls_with_a_sentence_each(path):
     assert len(markdown) >= len(code_cells(path)) // 2
 
 
-def test_explore_notebook_runs_on_synthetic_data(tiny, tmp_path, monkeypatch):
-    notebook = execute(EXPLORE, {"SVHN_DATA_DIR": str(tiny["data"]),
+def test_explore_notebook_runs_on_synthetic_data(tiny_run, tmp_path, monkeypatch):
+    notebook = execute(EXPLORE, {"SVHN_DATA_DIR": str(tiny_run["data"]),
                                  "SVHN_CACHE_DIR": str(tmp_path / "cache")}, monkeypatch)
     assert figures_shown(notebook) == 6
 
 
-def test_error_notebook_runs_on_a_tiny_checkpoint(tiny, monkeypatch):
-    notebook = execute(ERRORS, {"SVHN_DATA_DIR": str(tiny["data"]),
-                                "SVHN_CACHE_DIR": str(tiny["cache"]),
-                                "SVHN_CKPT": str(tiny["ckpt"])}, monkeypatch)
+def test_error_notebook_runs_on_a_tiny_checkpoint(tiny_run, monkeypatch):
+    notebook = execute(ERRORS, {"SVHN_DATA_DIR": str(tiny_run["data"]),
+                                "SVHN_CACHE_DIR": str(tiny_run["cache"]),
+                                "SVHN_CKPT": str(tiny_run["ckpt"])}, monkeypatch)
     assert figures_shown(notebook) == 5
     text = "".join(out.get("text", "") + str(out.get("data", {}).get("text/plain", ""))
                    for cell in notebook.cells if cell.cell_type == "code"
                    for out in cell.outputs)
-    assert str(tiny["ckpt"]) in text and "'images': 40" in text
+    assert str(tiny_run["ckpt"]) in text and "'images': 40" in text
 
 
 @pytest.mark.real_data

@@ -3,21 +3,14 @@ geometry and where each crop is cut, compilation."""
 
 import pytest
 import torch
-from conftest import reading_logits
+from helpers.logits import reading_logits
 
-import svhn.reader
-from svhn.labels import BLANK
-from svhn.module import DigitSequenceModel
-from svhn.reader import (
-    DigitHeads,
-    DigitReader,
-    box_from_crop,
-    crop_boxes,
-    crop_region,
-    pairwise_iou,
-    search_windows,
-    vote,
-)
+import svhn.model.reader
+from svhn.data.labels import BLANK
+from svhn.model.geometry import box_from_crop, crop_boxes, crop_region, pairwise_iou
+from svhn.model.reader import DigitHeads, DigitReader, search_windows
+from svhn.model.training import DigitSequenceModel
+from svhn.model.vote import vote
 
 
 def test_reader_reads_without_lightning():
@@ -102,7 +95,7 @@ def test_each_zoom_step_crops_around_the_box_the_last_crop_found(monkeypatch):
         return crop_boxes(images, boxes, *args, **kwargs)
 
     monkeypatch.setattr(reader, "read", fake_read)
-    monkeypatch.setattr(svhn.reader, "crop_boxes", recording_crop)
+    monkeypatch.setattr(svhn.model.reader, "crop_boxes", recording_crop)
     out = reader(torch.zeros(1, 3, 32, 64))
     assert len(reads) == 4  # the whole image, then three crops
     assert out["logits"].max() == 4 and out["first_pass_logits"].max() == 1
@@ -237,8 +230,8 @@ def test_the_first_read_resizes_larger_images_with_antialiasing(monkeypatch):
     # Evaluation images come at eval_scale (2x): the whole-image read must downsample them
     # as training's resize did, with antialiasing, not by skipping pixels.
     calls = []
-    real = svhn.reader.F.interpolate
-    monkeypatch.setattr(svhn.reader.F, "interpolate",
+    real = svhn.model.reader.F.interpolate
+    monkeypatch.setattr(svhn.model.reader.F, "interpolate",
                         lambda *a, **k: calls.append(k) or real(*a, **k))
     reader = DigitReader(backbone="simple_cnn", image_size=(32, 64)).eval()
     with torch.no_grad():

@@ -1,7 +1,7 @@
-"""Tests for svhn.analysis, svhn.plots and the ``python -m svhn.report`` CLI.
+"""Tests for svhn.analysis, svhn.analysis.plots and the ``python -m svhn.report`` CLI.
 
-Everything runs on a tiny synthetic set (120 train / 40 val) and a 2-epoch simple CNN, made
-once per session by ``make_tiny_run`` (test_notebooks.py reuses it).
+Everything runs on a tiny synthetic set (120 train / 40 val) and a 2-epoch checkpoint of the
+quick-start recipe: conftest's session fixture ``tiny_run`` (test_notebooks.py uses it too).
 """
 
 from __future__ import annotations
@@ -13,41 +13,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers.layout import write_split
 from PIL import Image
 
-from svhn import analysis, plots, report
-from svhn.checkpoints import read_checkpoint
-from svhn.inference import Predictions
-from svhn.labels import BLANK, NUM_CLASSES
-from svhn.synthetic import generate_dataset
+from svhn.analysis import plots, report, tables
+from svhn.data.labels import BLANK, NUM_CLASSES
+from svhn.inference.checkpoints import read_checkpoint
+from svhn.inference.predictions import Predictions
 
 MAX_LEN = 5
 
 
-# --------------------------------------------------------------------------- shared tiny run
-
-
-def make_tiny_run(base: Path) -> dict[str, Path]:
-    """Synthetic data, an image cache and a tiny checkpoint under ``base`` (made once)."""
-    root = base / "tiny_run"
-    paths = {"data": root / "data", "cache": root / "cache", "runs": root / "runs"}
-    done = root / "checkpoint.txt"
-    if not done.is_file():
-        generate_dataset(paths["data"], n_train=120, n_val=40, n_test=8, seed=5)
-        ckpt = report.train_tiny_checkpoint(paths["data"], paths["runs"], paths["cache"])
-        done.write_text(str(ckpt))
-    paths["ckpt"] = Path(done.read_text())
-    return paths
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_tiny_run(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def pred(tiny: dict[str, Path]) -> Predictions:
-    return analysis.predict_split(tiny["ckpt"], tiny["data"], "val", tiny["cache"])
+def pred(tiny_run: dict[str, Path]) -> Predictions:
+    return tables.predict_labelled(tiny_run["ckpt"], tiny_run["data"], "val",
+                                   cache_dir=tiny_run["cache"])
 
 
 def assert_png_drawn(path: Path, min_kb: float = 10) -> None:
@@ -61,10 +41,11 @@ def assert_png_drawn(path: Path, min_kb: float = 10) -> None:
 # --------------------------------------------------------------------------- the CLI
 
 
-def test_report_writes_every_error_figure_and_links_it(tiny, tmp_path):
+def test_report_writes_every_error_figure_and_links_it(tiny_run, tmp_path):
     out = tmp_path / "report"
-    code = report.main(["--ckpt_path", str(tiny["ckpt"]), "--data_dir", str(tiny["data"]),
-                        "--cache_dir", str(tiny["cache"]), "--out", str(out),
+    code = report.main(["--ckpt_path", str(tiny_run["ckpt"]),
+                        "--data_dir", str(tiny_run["data"]),
+                        "--cache_dir", str(tiny_run["cache"]), "--out", str(out),
                         "--n_mistakes", "8"])
     assert code == 0
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(report.ERROR_FIGURES)
@@ -72,13 +53,13 @@ def test_report_writes_every_error_figure_and_links_it(tiny, tmp_path):
     for name in report.ERROR_FIGURES:
         assert_png_drawn(out / f"{name}.png")
         assert f"]({name}.png)" in text
-    assert str(tiny["ckpt"]) in text
+    assert str(tiny_run["ckpt"]) in text
     assert "Images: 40" in text and "**Score**" in text and "Character accuracy" in text
 
 
-def test_data_figures_are_drawn_and_linked(tiny, pred, tmp_path):
+def test_data_figures_are_drawn_and_linked(tiny_run, pred, tmp_path):
     """What ``--data_figures`` adds to the report."""
-    figures = report.write_data_figures(tiny["data"], tiny["cache"], tmp_path)
+    figures = report.write_data_figures(tiny_run["data"], tiny_run["cache"], tmp_path)
     assert list(figures) == list(report.DATA_FIGURES)
     for path in figures.values():
         assert_png_drawn(path)
@@ -95,26 +76,26 @@ def test_report_cli_explains_a_missing_checkpoint(tmp_path, capsys):
 # --------------------------------------------------------------------------- predictions
 
 
-def test_scores_match_what_training_logged(tiny, pred):
+def test_scores_match_what_training_logged(tiny_run, pred):
     """The analysis counts like SequenceMetrics: the checkpoint's epoch row agrees."""
-    metrics = analysis.read_metrics(analysis.run_dir_of(tiny["ckpt"]))
-    epoch = read_checkpoint(tiny["ckpt"]).epoch
-    logged = metrics[(metrics["epoch"] == epoch) & metrics["val/char_acc"].notna()].iloc[-1]
-    numbers = analysis.summary(pred)
+    metrics = tables.read_metrics(tables.run_dir_of(tiny_run["ckpt"]))
+    epoch = read_checkpoint(tiny_run["ckpt"]).epoch
+    logged = metrics[(metrics["epoch"] == epoch) & metrics["val/position_acc"].notna()].iloc[-1]
+    numbers = tables.summary(pred)
     assert numbers["images"] == 40
-    assert numbers["char_acc"] == pytest.approx(logged["val/char_acc"], abs=1e-4)
+    assert numbers["position_acc"] == pytest.approx(logged["val/position_acc"], abs=1e-4)
     assert numbers["score"] == pytest.approx(logged["val/seq_acc"], abs=1e-4)
 
 
 def test_confusion_counts_every_position_once(pred):
-    matrix = analysis.confusion_matrix(pred.probs, pred.targets)
+    matrix = tables.confusion_matrix(pred.probs, pred.targets)
     assert matrix.shape == (NUM_CLASSES, NUM_CLASSES)
     assert matrix.sum() == len(pred) * MAX_LEN
     true_counts = np.bincount(pred.targets.flatten().numpy(), minlength=NUM_CLASSES)
     assert (matrix.sum(axis=1) == true_counts).all()
     assert np.trace(matrix) / matrix.sum() == pytest.approx(
-        analysis.char_accuracy(pred.probs, pred.targets))
-    assert list(analysis.confusion_frame(matrix).columns)[-1] == "blank"
+        tables.position_accuracy(pred.probs, pred.targets))
+    assert list(tables.confusion_frame(matrix).columns)[-1] == "blank"
 
 
 def one_hot(rows: list[list[int]], sure: list[float]) -> torch.Tensor:
@@ -134,28 +115,26 @@ READ = [[1, 2, B, B, B], [B, 3, B, B, B], [4, 5, 8, B, B], [9, B, B, B, B]]
 
 def hand_made_predictions(tmp_path: Path) -> Predictions:
     names = [f"{i:06d}.png" for i in range(4)]
-    (tmp_path / "mchar_val").mkdir()
-    for name in names:
-        Image.new("RGB", (30, 15), (200, 50, 50)).save(tmp_path / "mchar_val" / name)
+    write_split(tmp_path, "val", names, size=(30, 15), image=(200, 50, 50))  # no labels
     return Predictions(names, one_hot(READ, [0.9, 0.8, 0.7, 0.95]), targets=TARGETS,
                        checkpoints=[Path("x.ckpt")], data_dir=tmp_path, split="val")
 
 
 def test_accuracy_tables_on_hand_made_predictions(tmp_path):
     pred = hand_made_predictions(tmp_path)
-    assert analysis.sequence_accuracy(pred.probs, pred.targets) == pytest.approx(0.5)
-    assert analysis.char_accuracy(pred.probs, pred.targets) == pytest.approx(16 / 20)
-    assert analysis.digit_accuracy(pred.probs, pred.targets) == pytest.approx(4 / 7)
+    assert tables.sequence_accuracy(pred.probs, pred.targets) == pytest.approx(0.5)
+    assert tables.position_accuracy(pred.probs, pred.targets) == pytest.approx(16 / 20)
+    assert tables.digit_accuracy(pred.probs, pred.targets) == pytest.approx(4 / 7)
 
-    table = analysis.prediction_table(pred)
+    table = tables.prediction_table(pred)
     assert table["prediction"].tolist() == ["12", "3", "458", "9"]
     assert table["truth"].tolist() == ["12", "3", "456", "7"]
     assert table["correct"].tolist() == [True, True, False, False]
 
-    by_length = analysis.accuracy_by_length(table)
+    by_length = tables.accuracy_by_length(table)
     assert by_length.to_dict("list") == {"length": [1, 2, 3], "images": [2, 1, 1],
                                          "accuracy": [0.5, 1.0, 0.0]}
-    by_position = analysis.accuracy_by_position(pred.probs, pred.targets)
+    by_position = tables.accuracy_by_position(pred.probs, pred.targets)
     assert by_position["digit_slots"].tolist() == [4, 2, 1, 0, 0]
     assert by_position["accuracy"].tolist() == pytest.approx([0.5, 0.75, 0.75, 1, 1])
     assert by_position["digit_accuracy"].tolist()[:3] == pytest.approx([0.5, 1.0, 0.0])
@@ -164,7 +143,7 @@ def test_accuracy_tables_on_hand_made_predictions(tmp_path):
 
 def test_confident_mistakes_come_most_confident_first(tmp_path):
     pred = hand_made_predictions(tmp_path)
-    mistakes = analysis.confident_mistakes(pred, n=5)
+    mistakes = tables.confident_mistakes(pred, n=5)
     assert [m.truth for m in mistakes] == ["7", "456"]  # 0.95 before 0.7
     assert mistakes[0].prediction == "9" and mistakes[0].image.shape == (15, 30, 3)
     assert mistakes[0].confidence == pytest.approx(0.95 ** 5)
@@ -175,26 +154,27 @@ def test_confident_mistakes_come_most_confident_first(tmp_path):
 # --------------------------------------------------------------------------- data tables
 
 
-def test_data_tables_describe_the_split(tiny):
-    table = analysis.sample_table(tiny["data"])
+def test_data_tables_describe_the_split(tiny_run):
+    table = tables.sample_table(tiny_run["data"])
     assert (table["split"].value_counts().to_dict()) == {"train": 120, "val": 40}
     for column in ("box_w", "box_h", "box_cx", "box_cy"):
         assert table[column].between(0, 1).all(), column
     assert (table["width"] > 0).all() and (table["height"] > 0).all()
-    assert analysis.length_counts(table).to_numpy().sum() == 160
-    assert analysis.digit_counts(table)["train"].sum() == table.query("split == 'train'")[
+    assert tables.length_counts(table).to_numpy().sum() == 160
+    assert tables.digit_counts(table)["train"].sum() == table.query("split == 'train'")[
         "length"].sum()
-    assert analysis.digit_position_counts(table).to_numpy().sum() == table["length"].sum()
-    counts = analysis.split_counts(tiny["data"])
+    assert tables.digit_position_counts(table).to_numpy().sum() == table["length"].sum()
+    counts = tables.split_counts(tiny_run["data"])
     assert counts.set_index("split")["images"].to_dict() == {"train": 120, "val": 40,
                                                              "test_a": 8}
 
 
-def test_augmentation_draws_keep_the_box_in_the_picture(tiny):
-    examples = analysis.augmentation_draws(tiny["data"], tiny["cache"], n_images=2, n_draws=3)
+def test_augmentation_draws_keep_the_box_in_the_picture(tiny_run):
+    examples = tables.augmentation_draws(tiny_run["data"], tiny_run["cache"], n_images=2,
+                                         n_draws=3)
     assert len(examples) == 2
     for example in examples:
-        assert set(example.draws) == set(analysis.AUGMENT_PRESETS)
+        assert set(example.draws) == set(tables.AUGMENT_PRESETS)
         image, box = example.original
         assert image.shape == (64, 128, 3) and image.dtype == np.uint8
         for draws in example.draws.values():
@@ -213,15 +193,15 @@ def test_metric_curve_drops_rows_without_the_metric(tmp_path):
     metrics = pd.DataFrame({"epoch": [0, 0, 0, 1, 1], "step": [1, 3, 3, 5, 7],
                             "train/loss": [2.0, 1.5, np.nan, 1.2, np.nan],
                             "val/loss": [np.nan, np.nan, 1.8, np.nan, 1.6]})
-    assert analysis.metric_curve(metrics, "val/loss").to_dict("list") == {
+    assert tables.metric_curve(metrics, "val/loss").to_dict("list") == {
         "step": [3, 7], "val/loss": [1.8, 1.6]}
-    assert analysis.metric_curve(metrics, "val/seq_acc").empty
-    assert analysis.epoch_end_step(metrics, 1) == 7
+    assert tables.metric_curve(metrics, "val/seq_acc").empty
+    assert tables.epoch_end_step(metrics, 1) == 7
     assert_png_drawn(plots.save(plots.training_curves(metrics, 1), tmp_path / "c.png"), 5)
 
 
 def test_training_curves_say_when_there_is_no_metrics_file(tmp_path):
-    assert analysis.read_metrics(tmp_path) is None
+    assert tables.read_metrics(tmp_path) is None
     figure = plots.training_curves(None)
     assert "No metrics.csv" in figure.axes[0].texts[0].get_text()
 
@@ -246,6 +226,7 @@ def test_data_dir_from_env_must_hold_data(tmp_path, monkeypatch):
 
 def test_cache_dir_follows_env_and_never_the_data_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("SVHN_CACHE_DIR", str(tmp_path / "c"))
-    cache = report.cache_dir_for("/work/shared/data/mchar")
+    data_dir = tmp_path / "competition" / "mchar"
+    cache = report.cache_dir_for(data_dir)
     assert cache.parent == tmp_path / "c"
-    assert not str(cache).startswith("/work/shared")
+    assert not cache.is_relative_to(data_dir)

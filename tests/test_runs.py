@@ -15,16 +15,16 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from conftest import PLAIN_MODEL
+from helpers.runs import PLAIN_MODEL
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-import svhn.runs as runs_module
-from svhn.callbacks import RunSummaryWriter
-from svhn.data import SVHNDataModule
-from svhn.fit import build_cli
-from svhn.module import DigitSequenceModel
-from svhn.run_summary import RUN_SUMMARY_FILE, read_run_summary
-from svhn.runs import COLUMNS, collect_runs, format_table, main, sort_runs
+from svhn.analysis import runs as runs_module
+from svhn.analysis.runs import COLUMNS, collect_runs, format_table, main, sort_runs
+from svhn.data.datamodule import SVHNDataModule
+from svhn.model.training import DigitSequenceModel
+from svhn.train.callbacks import RunSummaryWriter
+from svhn.train.cli import build_cli
+from svhn.train.run_summary import RUN_SUMMARY_FILE, read_run_summary
 
 NOT_HELD_OUT = "NOT a held-out score"
 
@@ -77,8 +77,13 @@ def logged_val_scores(run_dir: Path) -> list[float]:
         return [float(r["val/seq_acc"]) for r in csv.DictReader(handle) if r.get("val/seq_acc")]
 
 
+def run_name(run_dir: Path) -> str:
+    """How the table names a run: ``<logger name>/version_N``."""
+    return f"{run_dir.parent.name}/{run_dir.name}"
+
+
 def row_of(table, run_dir: Path) -> dict:
-    name = f"{run_dir.parent.name}/{run_dir.name}"
+    name = run_name(run_dir)
     rows = table[table["run"] == name].to_dict("records")
     assert len(rows) == 1, f"{name} not listed once in {list(table['run'])}"
     return rows[0]
@@ -97,7 +102,7 @@ def test_table_lists_each_run_with_the_best_score_of_its_metrics(fits):
     assert held_out["checkpoint"] == str(fits.held_out_best)
     assert (held_out["backbone"], held_out["epochs"], held_out["max_epochs"]) == \
         ("simple_cnn", 2, 2)
-    assert held_out["recipe"] == "tiny.yaml"  # the --config chain (default.yaml implied)
+    assert held_out["recipe"] == "plain.yaml + tiny.yaml"  # the --config chain
     assert held_out["sessions"] == 2 and held_out["status"] == "finished"
     assert held_out["val_held_out"] is True and held_out["train_on"] == "train"
     summary = read_run_summary(fits.held_out)
@@ -129,11 +134,11 @@ def test_table_marks_a_run_that_trained_on_its_validation_split(fits):
     assert final["checkpoint"] == str(fits.final / "checkpoints" / "last.ckpt")
     assert final["seed"] == 7
     text = format_table(table)
-    line = next(x for x in text.splitlines() if x.strip().startswith("default/" + fits.final.name))
+    line = next(x for x in text.splitlines() if x.strip().startswith(run_name(fits.final)))
     assert " NO " in line
     assert "held_out NO: the run trained on its validation split" in text
     held_out_line = next(x for x in text.splitlines()
-                         if x.strip().startswith("default/" + fits.held_out.name))
+                         if x.strip().startswith(run_name(fits.held_out)))
     assert " yes " in held_out_line
 
 
@@ -378,7 +383,7 @@ def test_efficiency_figure_plots_each_run_s_score_against_its_images(tmp_path, c
     assert png.stat().st_size > 10_000
     table = collect_runs(runs)
     assert sorted(table["train_images"]) == [500, 1000, 2000]
-    from svhn.plots import data_efficiency
+    from svhn.analysis.plots import data_efficiency
 
     figure = data_efficiency(table)
     line = figure.axes[0].lines[0]

@@ -1,4 +1,6 @@
-"""Tests for scoring submissions (svhn.score) and the submission file helpers."""
+"""Tests for scoring submissions (svhn.score) and the submission file helpers; the report
+``python -m svhn.score`` prints and refuses is checked word for word where a user reads it
+(written against the survivors of a mutation-testing run, see README, Tests)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers.layout import write_labels
 
-from svhn.score import char_matches, main, read_submission, score_file, score_submission
-from svhn.submission import (
+from svhn.analysis.score import char_matches, main, read_submission, score_file, score_submission
+from svhn.inference.submission import (
     SubmissionError,
     build_submission,
     compare_with_sample,
@@ -19,17 +22,6 @@ from svhn.submission import (
 LABELS = {"a.png": [1, 2, 3], "b.png": [0, 0, 7], "c.png": [5], "d.png": [4, 2]}
 
 
-def write_labels(path: Path, labels: dict[str, list[int]] = LABELS) -> Path:
-    entries = {
-        name: {"label": digits, "left": [3 * i for i in range(len(digits))],
-               "top": [1] * len(digits), "width": [3] * len(digits),
-               "height": [5] * len(digits)}
-        for name, digits in labels.items()
-    }
-    path.write_text(json.dumps(entries))
-    return path
-
-
 def write_text(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -37,7 +29,7 @@ def write_text(path: Path, text: str) -> Path:
 
 @pytest.fixture
 def labels_path(tmp_path: Path) -> Path:
-    return write_labels(tmp_path / "labels.json")
+    return write_labels(tmp_path / "labels.json", LABELS)
 
 
 def score_text(tmp_path: Path, labels_path: Path, text: str):
@@ -169,7 +161,7 @@ def test_build_and_write_submission_round_trip(tmp_path):
 
 
 def test_score_submission_accepts_a_built_frame(tmp_path, labels_path):
-    from svhn.labels import load_labels
+    from svhn.data.labels import load_labels
 
     frame = build_submission(list(LABELS), ["123", "007", "5", "42"])
     assert score_submission(frame, load_labels(labels_path)).seq_acc == 1.0
@@ -187,3 +179,64 @@ def test_compare_with_sample_reports_missing_extra_and_order():
     assert any("not in the sample" in p and "z.png" in p for p in problems)
     (order,) = compare_with_sample(names("b.png", "a.png", "c.png"), sample)
     assert "different order" in order and "row 1" in order
+
+
+# ------------------------------------------------------------- the report, word for word
+
+REPORT_LABELS = {"a.png": [1, 2, 3], "b.png": [0, 0, 7], "c.png": [5], "d.png": [4, 2],
+                 "e.png": [9], "f.png": [3, 1]}
+
+
+@pytest.fixture
+def report_files(tmp_path):
+    """(submission, labels): a submission with a problem of every kind."""
+    labels = write_labels(tmp_path / "labels.json", REPORT_LABELS)
+    submission = tmp_path / "sub.csv"
+    # right, one digit short, right, invalid, (e.png and f.png missing), not in the labels
+    submission.write_text("file_name,file_code\na.png,123\nb.png,07\nc.png,5\nd.png,4a\n"
+                          "z.png,1\n")
+    return submission, labels
+
+
+def test_the_report_a_user_reads(report_files, capsys):
+    submission, labels = report_files
+    assert main(["--submission", str(submission), "--labels", str(labels)]) == 0
+    assert capsys.readouterr().out == (
+        "score (whole-string accuracy): 0.3333 (2/6)\n"
+        "character accuracy (position-wise): 0.4167\n"
+        "by label length: 1 digit: 0.5000 (n=2), 2 digits: 0.0000 (n=2), "
+        "3 digits: 0.5000 (n=2)\n"
+        "2 labelled image(s) have no row (counted wrong); first: e.png, f.png\n"
+        "1 row(s) have a code that is not a digit string (counted wrong); first: d.png='4a'\n"
+        "1 row(s) name an image that is not in the labels (ignored); first: z.png\n")
+
+
+def test_json_report_lists_the_problem_rows(report_files, capsys):
+    submission, labels = report_files
+    assert main(["--submission", str(submission), "--labels", str(labels), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == {
+        "seq_acc": 2 / 6, "char_acc": 5 / 12,
+        "by_length": {"1": 0.5, "2": 0.0, "3": 0.5}, "count_by_length": {"1": 2, "2": 2, "3": 2},
+        "n_images": 6, "n_correct": 2, "n_missing": 2, "n_extra": 1, "n_invalid": 1,
+        "examples": {"missing": ["e.png", "f.png"], "extra": ["z.png"],
+                     "invalid": ["d.png='4a'"]},
+    }
+
+
+@pytest.mark.parametrize("missing", ["--submission", "--labels"])
+def test_both_files_are_required(report_files, missing, capsys):
+    submission, labels = report_files
+    argv = {"--submission": str(submission), "--labels": str(labels)}
+    del argv[missing]
+    with pytest.raises(SystemExit) as done:
+        main([arg for pair in argv.items() for arg in pair])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m svhn.score ")
+    assert f"the following arguments are required: {missing}" in err
+
+
+def test_scoring_against_no_labels_is_an_error():
+    with pytest.raises(ValueError, match=r"^no labelled images to score against\.$"):
+        score_submission(build_submission(["a.png"], ["1"]), [])

@@ -1,4 +1,4 @@
-"""The submission file (svhn.submission): the README's atomic-write promise, and the
+"""The submission file (svhn.inference.submission): the README's atomic-write promise, and the
 format rules a submission is built, written and read by (the format tests were written
 against the survivors of a mutation-testing run, see README, Tests).
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from svhn.submission import (
+from svhn.inference.submission import (
     SubmissionError,
     build_submission,
     compare_with_sample,

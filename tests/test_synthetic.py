@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from svhn import synthetic
-from svhn.synthetic import generate_dataset, render_number, sample_digits
+from svhn.data import synthetic
+from svhn.data.synthetic import generate_dataset, render_number, sample_digits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY_KEYS = {"label", "left", "top", "width", "height"}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from svhn.transforms import (
+from svhn.data.transforms import (
     PRESETS,
     ZOOM_CROP_MARGIN,
     build_transform,

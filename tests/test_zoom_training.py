@@ -6,14 +6,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import PLAIN_MODEL
+from helpers.runs import PLAIN_MODEL
 
-from svhn.checkpoints import CheckpointError, load_reader
-from svhn.data import SVHNDataModule
-from svhn.fit import build_cli
-from svhn.module import DigitSequenceModel
-from svhn.predict import main as predict_main
-from svhn.score import score_file
+from svhn.analysis.score import score_file
+from svhn.data.datamodule import SVHNDataModule
+from svhn.inference.checkpoints import CheckpointError, load_reader
+from svhn.inference.cli import main as predict_main
+from svhn.model.training import DigitSequenceModel
+from svhn.train.cli import build_cli
 
 
 def test_eval_scale_gives_sharper_eval_images_and_tracks_boxes_in_training(
@@ -37,6 +37,7 @@ def zoom_run(synthetic_data_dir, tmp_path_factory):
         "--data.cache_dir", str(runs / "cache"), "--data.image_size", "[32, 64]",
         "--data.augment", "zoom", "--data.cache_scale", "2", "--data.eval_scale", "2",
         "--model.box_head", "true", "--model.zoom_steps", "2",
+        "--model.lr", "0.003", "--model.scheduler", "onecycle",
         "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(runs / "runs"),
     ])

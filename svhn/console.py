@@ -1,0 +1,58 @@
+"""What the commands print: framed notices, and the one filter of libraries' harmless chatter."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+
+__all__ = ["HARMLESS_INFO", "HARMLESS_WARNINGS", "framed", "quiet_libraries"]
+
+# Warnings from Lightning and torch that say nothing about this project's runs.
+HARMLESS_WARNINGS = (
+    r".*does not have many workers.*",  # 0 workers is the choice on <= 2 cores
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning internals, torch 2.9+
+    r".*LeafSpec.*",
+    r"Precision .* is not supported by the model summary.*",
+    r"LightningCLI's args parameter.*",  # from Python (tests, notebooks) argv is not ours
+    r"Checkpoint directory .* exists and is not empty.*",  # a resumed run, in its own folder
+    r".*GPU available but not used.*",
+    # configs/ema.yaml: configure_model only compiles the backbone (--model.compile); the
+    # model is never sharded, so the averaged copy fits as the model does.
+    r"You're using the WeightAveraging callback with a model that overrides the "
+    r"configure_model.*",
+)
+# Lightning's info lines that advertise or explain nothing a user asked about.
+HARMLESS_INFO = ("💡 Tip:", "Loading `train_dataloader` to estimate number of stepping batches")
+
+
+def framed(lines: Sequence[str]) -> str:
+    """Lines between two rules of ``=``, so a message stands out among the training logs
+    (no right border: a long command stays copyable)."""
+    rule = "=" * min(max(len(line) for line in lines) + 2, 88)
+    return "\n".join([rule, *(f" {line}" for line in lines), rule])
+
+
+class _DropHarmlessInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(HARMLESS_INFO)
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Hide ``HARMLESS_WARNINGS`` and ``HARMLESS_INFO`` while a command runs (every command
+    runs inside it: ``svhn.errors.command``)."""
+    hints = _DropHarmlessInfo()
+    loggers = [logging.getLogger(name) for name in
+               ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")]
+    for logger in loggers:
+        logger.addFilter(hints)
+    try:
+        with warnings.catch_warnings():
+            for message in HARMLESS_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(hints)

@@ -1,0 +1,198 @@
+"""Reading a split with trained checkpoints: the one prediction path of the project.
+
+``predict_split(checkpoints, data_dir, split)`` loads each checkpoint's reader with its own
+settings (``svhn.inference.checkpoints``), feeds it the split exactly as validation did (same image
+size, cache and evaluation scale, no augmentation, the precision it was validated in unless
+told otherwise), runs ``lightning.Trainer.predict`` (so ``devices=2, strategy="ddp"`` works:
+every rank's rows are gathered, each image exactly once), combines views (test-time
+augmentation) and checkpoints (an ensemble), and returns one ``Predictions`` in file-name
+order. Readers that run the zoom search combine by one vote over all their zoom chains
+(``svhn.model.vote``: every view's and every checkpoint's chains together); the others by
+averaging their per-position probabilities. ``svhn.predict``, ``svhn.analysis``, ``svhn.bench``
+and ``svhn.report`` all read through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from svhn.data.datamodule import SVHNDataModule
+from svhn.inference.checkpoints import (
+    CheckpointContents,
+    CheckpointError,
+    load_reader,
+    read_checkpoint,
+)
+from svhn.inference.ensemble import combination_notice, combine, shared_max_len
+from svhn.inference.predictions import Predictions, cat_or_none, merge_sorted
+from svhn.inference.provenance import data_notice, fold_notice
+from svhn.inference.views import PLAIN_VIEWS, VIEWS, check_views
+from svhn.model.reader import DigitReader
+from svhn.model.vote import vote_over_chains
+
+__all__ = ["build_trainer", "evaluation_datamodule", "is_global_zero", "PRECISIONS",
+           "predict_split", "predict_with_reader", "ReaderPredictor"]
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # Lightning's names; 16-mixed: GPUs
+
+
+class ReaderPredictor(L.LightningModule):
+    """Runs a reader over several views of each batch: one vote over all the views' zoom
+    chains when the reader searches, else the views' probabilities averaged."""
+
+    def __init__(self, reader: DigitReader, views: Sequence[str] = PLAIN_VIEWS):
+        super().__init__()
+        self.reader = reader
+        self.views = check_views(views)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        images = self.reader.normalize(batch["image"])  # the views work on float images
+        outputs = [self.reader(VIEWS[name](images)) for name in self.views]
+        result = {"file_name": list(batch["file_name"]), "target": batch["target"]}
+        if all("chain_logits" in o for o in outputs):
+            result["chain_probs"] = torch.cat([o["chain_logits"].float().softmax(-1)
+                                               for o in outputs], dim=1)
+            result["chain_boxes"] = torch.cat([VIEWS[name].box_to_image(o["chain_boxes"]
+                                                                        .float())
+                                               for name, o in zip(self.views, outputs)], dim=1)
+            result["probs"], result["box"] = vote_over_chains(result["chain_probs"],
+                                                              result["chain_boxes"])
+            return result
+        result["probs"] = torch.stack([o["logits"].float().softmax(-1)
+                                       for o in outputs]).mean(dim=0)
+        if "box" in outputs[0]:
+            result["box"] = outputs[0]["box"].float()
+        return result
+
+
+def _from_batches(batches: Sequence[dict]) -> Predictions:
+    names = [name for batch in batches for name in batch["file_name"]]
+    probs = torch.cat([b["probs"].cpu() for b in batches]) if batches else torch.empty(0)
+    targets = torch.cat([b["target"].cpu() for b in batches]) if batches else None
+
+    def joined(key: str) -> torch.Tensor | None:  # on the CPU, as probs and targets
+        return cat_or_none([b[key].cpu() if key in b else None for b in batches])
+
+    return Predictions(file_names=names, probs=probs, boxes=joined("box"), targets=targets,
+                       chain_probs=joined("chain_probs"), chain_boxes=joined("chain_boxes"))
+
+
+def _gather_ranks(part: Predictions) -> list[Predictions]:
+    """Every rank's predictions, on every rank (one part when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [part]
+    # Plain dicts pickle the same in every rank, whatever module name this file runs as.
+    parts: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {key: getattr(part, key) for key in _GATHERED})
+    return [Predictions(**p) for p in parts if p is not None]
+
+
+_GATHERED = ("file_names", "probs", "boxes", "targets", "chain_probs", "chain_boxes")
+
+
+def evaluation_datamodule(contents: CheckpointContents, data_dir: str | Path, split: str, *,
+                          batch_size: int = 128, num_workers: int | None = 0,
+                          cache_dir: str | Path | None = None,
+                          labelled: bool = False) -> SVHNDataModule:
+    """The split as the checkpoint's validation saw it: same size, cache scale and
+    evaluation scale, no augmentation. ``labelled`` keeps only labelled images, with
+    targets (error analysis); otherwise every image of the split (a submission)."""
+    data = SVHNDataModule.evaluation_settings(contents.data)
+    return SVHNDataModule(
+        data_dir=str(data_dir), batch_size=batch_size, num_workers=num_workers,
+        augment="none", predict_on=split, predict_labelled=labelled,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        image_size=contents.image_size, max_len=contents.max_len,
+        cache_scale=float(data.get("cache_scale", 1.0)),
+        eval_scale=float(data.get("eval_scale", 1.0)),
+    )
+
+
+# -- the loop -----------------------------------------------------------------------------------
+def build_trainer(accelerator: str = "auto", devices: int | str | list[int] = 1,
+                  strategy: str | None = None, precision: str = "32-true",
+                  callbacks: Sequence[L.Callback] = (), progress_bar: bool = True,
+                  limit_batches: int | None = None) -> L.Trainer:
+    """A Trainer for prediction only: nothing logged or saved."""
+    return L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy or "auto",
+                     precision=precision, logger=False, enable_checkpointing=False,
+                     enable_model_summary=False, enable_progress_bar=progress_bar,
+                     callbacks=list(callbacks), limit_predict_batches=limit_batches)
+
+
+def predict_with_reader(reader: DigitReader, datamodule: SVHNDataModule, trainer: L.Trainer,
+                        views: Sequence[str] = PLAIN_VIEWS, subset: bool = False
+                        ) -> Predictions:
+    """One reader over the data module's predict split, complete and sorted on every rank;
+    ``subset``: the trainer limits the batches on purpose (the benchmark), so the rows are
+    returned as they came, unchecked."""
+    batches = trainer.predict(ReaderPredictor(reader, views), datamodule=datamodule,
+                              return_predictions=True)
+    part = _from_batches(batches or [])
+    if subset:
+        return part
+    return merge_sorted(_gather_ranks(part), datamodule.predict_set.names)
+
+
+def predict_split(
+    checkpoints: Sequence[str | Path | CheckpointContents], data_dir: str | Path,
+    split: str = "test_a", *,
+    views: Sequence[str] = PLAIN_VIEWS, batch_size: int = 128, num_workers: int | None = 0,
+    accelerator: str = "auto", devices: int | str | list[int] = 1, strategy: str | None = None,
+    precision: str | None = None, channels_last: bool | None = None,
+    zoom_search: bool | None = None, cache_dir: str | Path | None = None,
+    labelled: bool = False,
+) -> Predictions:
+    """Read a split with one or more checkpoints (and views), combined by ``combine``.
+
+    ``precision`` None runs each checkpoint in the precision its validation ran in (what
+    the score in its file name was measured with); ``channels_last`` None keeps each
+    checkpoint's memory format, ``zoom_search`` None its search setting. Each file is
+    opened once (a ``CheckpointContents`` already read is not opened again): its settings
+    and its reader come from that one read.
+    """
+    if not checkpoints:
+        raise CheckpointError("no checkpoint given.")
+    views = check_views(views)
+    contents = [c if isinstance(c, CheckpointContents) else read_checkpoint(c)
+                for c in checkpoints]
+    paths = [content.path for content in contents]
+    shared_max_len(contents)
+    trainers: dict[str, L.Trainer] = {}
+    members = []
+    for content in contents:
+        run_precision = precision or content.precision
+        if run_precision not in trainers:
+            trainers[run_precision] = build_trainer(accelerator, devices, strategy,
+                                                    run_precision)
+        datamodule = evaluation_datamodule(content, data_dir, split, batch_size=batch_size,
+                                           num_workers=num_workers, cache_dir=cache_dir,
+                                           labelled=labelled)
+        reader = load_reader(content, channels_last=channels_last,
+                             zoom_search=zoom_search)
+        if is_global_zero():
+            source = "as given" if precision else "as validated"
+            print(f"Reading {split} with {content.path.name} in {run_precision} ({source}).",
+                  flush=True)
+            for notice in (data_notice(content, data_dir), fold_notice(content, split)):
+                if notice:
+                    print(notice, flush=True)
+        members.append(predict_with_reader(reader, datamodule, trainers[run_precision], views))
+    if len(members) > 1 and is_global_zero():
+        print(combination_notice(members, paths), flush=True)
+    result = combine(members)
+    if not labelled:
+        result.targets = None  # unlabelled rows carry placeholder targets
+    result.checkpoints, result.data_dir, result.split, result.views = paths, Path(data_dir), \
+        split, views
+    return result
+
+
+def is_global_zero() -> bool:
+    """True in the process that writes files (the only one unless distributed)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -1,0 +1,101 @@
+"""What data a checkpoint was trained on, and a notice when it reads other data.
+
+A fit records what it trained on (``SVHNDataModule.training_data``: the resolved data folder
+and whether it is a synthetic set) in every checkpoint and in its run's
+``run_summary.json``. Older checkpoints are read from the run's summary, else from their
+data settings where those say it (a named ``data_dir``; ``data/mchar`` without the synthetic
+fallback); the quick start's ``data_dir: null`` with the fallback on says nothing certain,
+and then nothing is claimed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from svhn.data.layout import is_generated_set
+from svhn.inference.checkpoints import CheckpointContents
+from svhn.paths import DATA_DIR
+from svhn.train.run_dir import RunDir
+from svhn.train.run_summary import read_run_summary
+
+__all__ = ["data_kind", "data_notice", "fold_notice", "training_data", "TrainingData"]
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The data folder a checkpoint was trained (and validated) on."""
+
+    data_dir: Path
+    synthetic: bool  # a generated set (the quick start's fallback or svhn.synthetic's)
+    fallback: bool = False  # the quick start's fallback set in particular
+
+    @property
+    def label(self) -> str:
+        """Short: ``synthetic`` or the folder's name."""
+        return "synthetic" if self.synthetic else self.data_dir.name
+
+    def describe(self) -> str:
+        """``SYNTHETIC house numbers (the quick start's fallback set, PATH)`` or ``PATH``."""
+        if not self.synthetic:
+            return str(self.data_dir)
+        what = "the quick start's fallback set, " if self.fallback else ""
+        return f"SYNTHETIC house numbers ({what}{self.data_dir})"
+
+
+def _from_record(record: Any) -> TrainingData | None:
+    if not isinstance(record, dict) or not record.get("data_dir"):
+        return None
+    return TrainingData(Path(str(record["data_dir"])), bool(record.get("synthetic")),
+                        bool(record.get("fallback")))
+
+
+def training_data(contents: CheckpointContents) -> TrainingData | None:
+    """What ``contents`` was trained on, from the checkpoint, its run's summary or its data
+    settings; None when none of them says."""
+    found = _from_record(contents.trained_on)
+    if found is not None:
+        return found
+    run = RunDir.of_checkpoint(contents.path)
+    if run is not None:
+        try:
+            found = _from_record((read_run_summary(run.path) or {}).get("data"))
+        except ValueError:
+            found = None
+        if found is not None:
+            return found
+    data = contents.data
+    if data.get("data_dir"):
+        folder = Path(str(data["data_dir"])).resolve()
+        return TrainingData(folder, is_generated_set(folder))
+    if "synthetic_fallback" in data and not data["synthetic_fallback"]:
+        return TrainingData(DATA_DIR.resolve(), is_generated_set(DATA_DIR))
+    return None
+
+
+def data_kind(data_dir: str | Path) -> str:
+    """``synthetic`` for a generated set, else ``competition``."""
+    return "synthetic" if is_generated_set(data_dir) else "competition"
+
+
+def data_notice(contents: CheckpointContents, data_dir: str | Path) -> str | None:
+    """One line when the checkpoint reads other data than it was trained on, else None."""
+    trained = training_data(contents)
+    reading = Path(data_dir).resolve()
+    if trained is None or trained.data_dir.resolve() == reading:
+        return None
+    now = f"the synthetic set {reading}" if is_generated_set(reading) else str(reading)
+    return (f"Note: {contents.path.name} was trained on {trained.describe()}, not on {now} "
+            "that it reads now.")
+
+
+def fold_notice(contents: CheckpointContents, split: str) -> str | None:
+    """One line when a cross-validation checkpoint (``--data.folds``) reads train or val:
+    it trained on the folds of both but its own, so a score there is not held out."""
+    folds, fold = contents.data.get("folds"), contents.data.get("fold")
+    if folds is None or fold is None or split not in ("train", "val"):
+        return None
+    return (f"Note: {contents.path.name} is fold {fold}/{folds} of train + val: it trained on "
+            f"the other folds, so most of split {split} was trained on and a score on it is "
+            "not held out (its held-out score: best_val in python -m svhn.runs).")

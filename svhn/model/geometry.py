@@ -1,0 +1,69 @@
+"""Box geometry on normalised (x0, y0, x1, y1) boxes, the one owner of every box operation:
+boxes grown by a margin, crops around boxes, boxes mapped between a crop and its image,
+overlaps. Used by the reader (zoom), the batch augmentation and the albumentations presets.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.ops import roi_align
+
+__all__ = ["box_from_crop", "crop_boxes", "crop_region", "grow_box", "pairwise_iou",
+           "union_boxes"]
+
+
+def pairwise_iou(boxes: torch.Tensor) -> torch.Tensor:
+    """(K, K, B) intersection over union of every pair of (K, B, 4) boxes, per image."""
+    boxes = boxes.float()
+    low = torch.maximum(boxes[:, None, :, :2], boxes[None, :, :, :2])
+    high = torch.minimum(boxes[:, None, :, 2:], boxes[None, :, :, 2:])
+    inter = (high - low).clamp(min=0).prod(-1)
+    area = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)  # (K, B)
+    return inter / (area[:, None] + area[None] - inter).clamp(min=1e-9)
+
+
+def union_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """The union boxes crops are cut around: (B, 4) as given, or the first of (B, K, 4)."""
+    return boxes[:, 0] if boxes.ndim == 3 else boxes
+
+
+def grow_box(boxes: torch.Tensor, margin: float, min_size: float = 0.0) -> torch.Tensor:
+    """(B, 4) boxes grown by ``margin`` of their size per side about their centre (each side
+    at least ``min_size`` of the image before growing), clipped to the image; float32 at
+    least (bf16 boxes from autocast are too coarse for pixel positions)."""
+    boxes = boxes.detach().to(torch.promote_types(boxes.dtype, torch.float32))
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=min_size) * (1 + 2 * margin)
+    return torch.cat([centre - size / 2, centre + size / 2], dim=1).clamp(0, 1)
+
+
+# -- zoom geometry -------------------------------------------------------------------------
+def crop_region(boxes: torch.Tensor, margin: float, min_size: float = 0.1) -> torch.Tensor:
+    """The normalised region ``crop_boxes`` cuts: each box grown by ``margin`` of its size
+    per side (at least ``min_size`` of the image), clipped to the image."""
+    return grow_box(boxes, margin, min_size)
+
+
+def box_from_crop(boxes: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """Boxes predicted inside crops of ``regions`` (B, 4) -> normalised whole-image
+    coordinates; ``boxes`` (B, 4), or (B, K, 4): K boxes per crop."""
+    if boxes.ndim == 3:
+        regions = regions[:, None]
+    origin, extent = regions[..., :2], regions[..., 2:] - regions[..., :2]
+    return torch.cat([origin + boxes[..., :2] * extent, origin + boxes[..., 2:] * extent],
+                     dim=-1)
+
+
+def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, margin: float,
+               output_size: tuple[int, int], min_size: float = 0.1) -> torch.Tensor:
+    """Crop each image around its normalised (x0, y0, x1, y1) box, grown by ``margin`` of
+    its size per side, and resample the crop to ``output_size`` (bilinear)."""
+    height, width = images.shape[-2:]
+    x0, y0, x1, y1 = crop_region(boxes, margin, min_size).unbind(1)
+    # Scaled by Python numbers: a (4,) scale tensor would be a host-to-device copy on every
+    # crop, and the zoom search cuts 29 per step.
+    index = torch.arange(len(images), device=images.device, dtype=torch.float32)
+    rois = torch.stack([index, x0 * width, y0 * height, x1 * width, y1 * height],
+                       dim=1).to(images.dtype)
+    return roi_align(images, rois, output_size=tuple(output_size), spatial_scale=1.0,
+                     sampling_ratio=2, aligned=True)

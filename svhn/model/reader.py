@@ -1,0 +1,251 @@
+"""The reader: a plain ``nn.Module`` that reads a house number from an image batch.
+
+``DigitReader(images) -> {"logits": (B, max_len, 11), ...}``: a backbone (``svhn.model.backbones``)
+feeding ``max_len`` parallel per-character heads, and optionally a box head that predicts
+where the digits are. With ``zoom_steps > 0`` it reads the whole image, then reads again
+``zoom_steps`` times on a crop around the box it found, each crop cut around the box the
+previous crop predicted (a zoom chain); the last crop's reading is the answer. With
+``zoom_search`` it also starts chains from a fixed grid of windows and answers with the
+reading most chains agree on. No Lightning here: training lives in ``svhn.model.training``,
+prediction in ``svhn.inference``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from svhn.data.images import DEFAULT_IMAGE_SIZE
+from svhn.data.labels import BLANK, DEFAULT_MAX_LEN, NUM_CLASSES
+from svhn.data.transforms import ZOOM_CROP_MARGIN
+from svhn.errors import SettingError
+from svhn.model.backbones import create_backbone, input_normalization
+from svhn.model.geometry import box_from_crop, crop_boxes, crop_region
+from svhn.model.vote import voted_chain
+
+__all__ = ["DigitHeads", "DigitReader", "search_windows", "ZOOM_FROM"]
+
+ZOOM_FROM = ("box", "digits")
+# Where ``zoom_search`` starts its extra chains: a 3x3 grid of window centres (normalised x,
+# y) at three window sizes (width, height), 27 windows besides the two predicted boxes.
+_SEARCH_CENTRES = ((0.25, 0.5, 0.75), (0.3, 0.5, 0.7))
+_SEARCH_SIZES = ((0.7, 0.8), (0.5, 0.6), (0.3, 0.45))
+
+
+class DigitHeads(nn.Module):
+    """``max_len`` independent classifiers over the same features -> (B, max_len, 11)."""
+
+    def __init__(self, num_features: int, max_len: int, hidden_dim: int = 0,
+                 dropout: float = 0.0):
+        super().__init__()
+        if hidden_dim > 0:
+            self.shared = nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, hidden_dim),
+                                        nn.ReLU(inplace=True))
+            num_features = hidden_dim
+        else:
+            self.shared = nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleList(nn.Linear(num_features, NUM_CLASSES) for _ in range(max_len))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(self.shared(features))
+        return torch.stack([head(hidden) for head in self.heads], dim=1)
+
+
+class DigitReader(nn.Module):
+    """Backbone -> features -> ``max_len`` heads of 11 classes (+ box head, + zoom reads).
+
+    Args:
+        backbone: a classic name (simple_cnn, lenet5, alexnet, vgg, nin, googlenet) or any
+            timm model name (resnet18, resnet50, ...).
+        pretrained: ImageNet weights through timm (needs network or the hub cache).
+        pretrained_weights: a local weights file for the timm backbone (the offline way).
+        timm_args: more arguments for ``timm.create_model``, e.g. ``{drop_path_rate: 0.1}``
+            (stochastic depth) or ``{drop_rate: 0.2}``.
+        max_len: digit positions.
+        image_size: (height, width) the network reads; larger inputs (evaluation at the data
+            module's ``eval_scale``) are resized for the first read and zoom crops come
+            from them.
+        hidden_dim: optional shared hidden layer before the heads (0 = none).
+        dropout: dropout before the heads.
+        feature_grid: pool the backbone's last feature maps to this (rows, cols) grid instead
+            of its own pooling; keeps position for the box head. None = backbone's own.
+        box_head: also predict the box around the digits (normalised x0, y0, x1, y1).
+        char_boxes: also predict each position's own digit box (``char_boxes`` (B, max_len,
+            4)), learnt from the per-digit boxes of the labels: the heads' positions are
+            tied to places in the image.
+        zoom_from: what each zoom crop is cut around: ``box`` (the box head's union box) or
+            ``digits`` (the union of the char boxes at the positions the heads read as
+            digits, so the crop holds as many digits as the reading has; needs
+            ``char_boxes``; the box head's box where no digit is read).
+        zoom_steps: crop reads after the whole-image read when not training (0 = none; needs
+            the box head). Train with the ``zoom`` augmentation so such crops are familiar.
+        zoom_margin: each crop grows the predicted box by this fraction of its size per side
+            (default: the margin of the ``zoom`` augmentation's tight crops).
+        zoom_search: when predicting, also start zoom chains from the box head's box and
+            from ``search_windows()`` (29 chains in all, each ``zoom_steps`` reads) and
+            answer with the reading most of them agree on in the same place, each chain's
+            vote weighted by its reading's probability and by how much its box overlaps
+            (``vote``). A number the first read missed (a small one in a wide scene, a
+            door or lamp read instead) is still found by the chains that start near it.
+            Costs 29x the crop reads; validation during ``svhn.fit`` reads one chain
+            (``forward(search=False)``).
+        channels_last: feed the convolutions channels-last (faster on GPUs, and on CPUs with
+            AMX under bf16).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "simple_cnn",
+        pretrained: bool = False,
+        pretrained_weights: str | None = None,
+        timm_args: dict[str, Any] | None = None,
+        max_len: int = DEFAULT_MAX_LEN,
+        image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+        hidden_dim: int = 0,
+        dropout: float = 0.0,
+        feature_grid: tuple[int, int] | None = None,
+        box_head: bool = False,
+        char_boxes: bool = False,
+        zoom_from: str = "box",
+        zoom_steps: int = 0,
+        zoom_margin: float = ZOOM_CROP_MARGIN,
+        zoom_search: bool = False,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        if zoom_steps < 0:
+            raise SettingError(f"zoom_steps must be 0 (no zoom) or more, got {zoom_steps}.")
+        if zoom_steps and not box_head:
+            raise SettingError("zoom_steps > 0 needs box_head: true (the box says where to zoom); "
+                             "configs/zoom.yaml sets both: --config configs/zoom.yaml.")
+        if zoom_search and not zoom_steps:
+            raise SettingError("zoom_search needs zoom_steps > 0 (it runs zoom chains from many "
+                             "starting windows).")
+        if zoom_from not in ZOOM_FROM:
+            raise SettingError(f"zoom_from {zoom_from!r}: choose one of {ZOOM_FROM}.")
+        if zoom_from == "digits" and not (char_boxes and box_head):
+            raise SettingError("zoom_from: digits needs char_boxes: true and box_head: true "
+                             "(the digits' boxes say where to zoom, the box head where "
+                             "no digit is read).")
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.zoom_from = zoom_from
+        self.zoom_steps = zoom_steps
+        self.zoom_margin = zoom_margin
+        self.zoom_search = zoom_search
+        self.channels_last = channels_last
+        self.backbone = create_backbone(backbone, pretrained, pretrained_weights, feature_grid,
+                                        timm_args)
+        features = self.backbone.num_features
+        self.heads = DigitHeads(features, max_len, hidden_dim, dropout)
+        self.box_regressor = nn.Linear(features, 4) if box_head else None
+        self.char_box_regressor = nn.Linear(features, max_len * 4) if char_boxes else None
+        mean, std = input_normalization(self.backbone)
+        # Not saved: they follow from the backbone, and older checkpoints do not have them.
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255,
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255,
+                             persistent=False)
+        self.compiled_backbone: nn.Module | None = None
+        self.apply_memory_format()
+
+    def apply_memory_format(self) -> DigitReader:
+        """Weights in channels-last layout when ``channels_last`` is set."""
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self
+
+    def compile_backbone(self) -> None:
+        """Run the backbone through ``torch.compile``; kept out of the module tree so the
+        weights keep their plain names in checkpoints."""
+        if self.compiled_backbone is None:
+            object.__setattr__(self, "compiled_backbone", torch.compile(self.backbone))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batches (as the data module sends them) -> floats normalised for this
+        backbone, on the reader's device; float batches are taken as already normalised."""
+        if images.dtype != torch.uint8:
+            return images
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def read(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One pass over normalised images at ``image_size``: ``logits`` (B, max_len, 11)
+        and, with a box head, ``box`` (B, 4)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        # "or" would ask the compiled module for its len(), which it refuses
+        backbone = self.backbone if self.compiled_backbone is None else self.compiled_backbone
+        features = backbone(images)
+        out = {"logits": self.heads(features)}
+        if self.box_regressor is not None:
+            out["box"] = self.box_regressor(features).sigmoid()
+        if self.char_box_regressor is not None:
+            chars = self.char_box_regressor(features).sigmoid()
+            out["char_boxes"] = chars.view(len(chars), -1, 4)
+        return out
+
+    def zoom_box(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The box the next crop is cut around (see ``zoom_from``), in the coordinates of
+        the read that produced ``out``."""
+        box = out["box"].float()
+        if self.zoom_from == "box":
+            return box
+        chars = out["char_boxes"].float()
+        is_digit = (out["logits"].argmax(-1) != BLANK)[..., None]
+        low = torch.where(is_digit, chars[..., :2], torch.inf).amin(1)
+        high = torch.where(is_digit, chars[..., 2:], -torch.inf).amax(1)
+        digits = torch.cat([low, high], 1)
+        return torch.where(is_digit.any(1), digits, box)
+
+    def zoom_chain(self, images: torch.Tensor, box: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``zoom_steps`` crop reads of normalised full-size ``images``, the first cut around
+        ``box``, each next one around the box the last read found: the last read's
+        ``logits``, its ``box`` and ``char_boxes`` in whole-image coordinates."""
+        for _ in range(self.zoom_steps):
+            region = crop_region(box, self.zoom_margin)
+            out = self.read(crop_boxes(images, box, self.zoom_margin, self.image_size))
+            box = box_from_crop(self.zoom_box(out), region)
+        result = {"logits": out["logits"], "box": box}
+        if "char_boxes" in out:
+            result["char_boxes"] = box_from_crop(out["char_boxes"].float(), region)
+        return result
+
+    def forward(self, images: torch.Tensor, search: bool | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Like ``read`` on the whole image; with ``zoom_steps`` outside training, the logits
+        come from the last crop read of a zoom chain (the one ``vote`` picks when
+        ``search``, default ``zoom_search``, runs many), ``box`` and ``char_boxes`` are its
+        last ones (whole-image coordinates) and ``first_pass_logits`` keeps the whole-image
+        read's; a search also returns every chain's ``chain_logits`` and ``chain_boxes``
+        (``voted_chain``)."""
+        images = self.normalize(images)
+        whole = images
+        if tuple(images.shape[-2:]) != self.image_size:
+            whole = F.interpolate(images, size=self.image_size, mode="bilinear",
+                                  antialias=True, align_corners=False)
+        out = self.read(whole)
+        if not self.zoom_steps or self.training:
+            return out
+        starts = [self.zoom_box(out)]
+        if self.zoom_search if search is None else search:
+            windows = search_windows().to(images.device)
+            starts += [out["box"].float(), *windows[:, None].expand(-1, len(images), 4)]
+        chains = [self.zoom_chain(images, start) for start in starts]
+        result = chains[0] if len(chains) == 1 else voted_chain(chains)
+        result["first_pass_logits"] = out["logits"]
+        return result
+
+
+@functools.cache  # a constant: built once, not on every batch
+def search_windows() -> torch.Tensor:
+    """The (27, 4) normalised windows ``zoom_search`` starts chains from, clipped to the
+    image: every size of _SEARCH_SIZES at every centre of the _SEARCH_CENTRES grid. Shared:
+    do not modify it in place."""
+    xs, ys = _SEARCH_CENTRES
+    windows = [(x - w / 2, y - h / 2, x + w / 2, y + h / 2)
+               for w, h in _SEARCH_SIZES for x in xs for y in ys]
+    return torch.tensor(windows).clamp(0, 1)

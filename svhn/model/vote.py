@@ -1,0 +1,67 @@
+"""The zoom search's vote: which of several zoom chains' readings an image's answer is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from svhn.data.labels import canonical_predictions
+from svhn.model.geometry import pairwise_iou
+
+__all__ = ["chain_confidence", "pick_chain", "vote", "vote_over_chains", "vote_probabilities",
+           "voted_chain"]
+
+
+def voted_chain(chains: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per image, every output of the chain ``vote`` picks, plus every chain's reading
+    (``chain_logits`` (B, K, max_len, 11)) and final box (``chain_boxes`` (B, K, 4)), so an
+    ensemble or test-time views can vote over all their chains together."""
+    stacked = {key: torch.stack([chain[key] for chain in chains], dim=1) for key in chains[0]}
+    winner = vote(stacked["logits"].transpose(0, 1), stacked["box"].transpose(0, 1))
+    result = {key: pick_chain(value, winner) for key, value in stacked.items()}
+    result["chain_logits"] = stacked["logits"]
+    result["chain_boxes"] = stacked["box"]
+    return result
+
+
+def vote(logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """The winning chain of each image from (K, B, max_len, 11) chain logits and (K, B, 4)
+    the boxes the chains ended on: the chain whose reading (as the submission writes it) has
+    the most support, then the most probable of those. A chain's support is the summed
+    probability of the chains that read as it does, each weighted by how much their boxes
+    overlap (IoU): chains that agree on the reading and on the place back each other, while
+    the same reading found in unrelated places (a lamp, a window) adds little. A chain's
+    probability is the product of its positions' top probabilities. (B,) chain indices."""
+    return vote_probabilities(logits.float().softmax(-1), boxes)
+
+
+def vote_probabilities(probs: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """``vote`` over chains given as (K, B, max_len, 11) probabilities."""
+    probs = probs.float()
+    readings = canonical_predictions(probs.flatten(0, 1)).view(*probs.shape[:3])
+    confidence = chain_confidence(probs)  # (K, B)
+    agree = (readings[:, None] == readings[None]).all(-1)  # (K, K, B)
+    support = (agree * pairwise_iou(boxes) * confidence[None]).sum(1)  # (K, B)
+    best = support == support.amax(0, keepdim=True)
+    return torch.where(best, confidence, -1.0).argmax(0)
+
+
+def vote_over_chains(chain_probs: torch.Tensor, chain_boxes: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probabilities (N, max_len, 11) and box (N, 4) of the chain ``vote`` picks among
+    (N, K, max_len, 11) chain probabilities ending on (N, K, 4) boxes."""
+    winner = vote_probabilities(chain_probs.transpose(0, 1), chain_boxes.transpose(0, 1))
+    return pick_chain(chain_probs, winner), pick_chain(chain_boxes, winner)
+
+
+def chain_confidence(probs: torch.Tensor) -> torch.Tensor:
+    """How sure a reading is: the product of its positions' top probabilities
+    ((..., max_len, 11) -> (...)); the vote's weight, and the analysis's confidence."""
+    return probs.amax(-1).prod(-1)
+
+
+def pick_chain(per_chain: torch.Tensor, winner: torch.Tensor) -> torch.Tensor:
+    """Row ``winner[i]`` of image i's chains: (N, K, ...) and (N,) -> (N, ...)."""
+    rows = torch.arange(len(winner), device=winner.device)
+    return per_chain[rows, winner]
+

@@ -25,9 +25,16 @@ from helpers.runs import (
     fit_easy,
 )
 
+from svhn.console import HARMLESS_WARNINGS
 from svhn.data.synthetic import generate_dataset
 
 SYNTHETIC_COUNTS = {"n_train": 160, "n_val": 48, "n_test": 40}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The commands' one filter of libraries' harmless warnings (svhn.console) for the tests."""
+    for message in HARMLESS_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,3 @@
+"""From checkpoints to submissions: safe loading, the one prediction path, views, ensembles,
+provenance, the CSV.
+"""

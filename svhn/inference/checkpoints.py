@@ -31,6 +31,12 @@ from svhn.data.images import DEFAULT_IMAGE_SIZE
 from svhn.data.labels import DEFAULT_MAX_LEN
 from svhn.errors import SvhnError
 from svhn.model.reader import DigitReader
+from svhn.train.run_dir import RunDir
+
+__all__ = ["CheckpointContents", "CheckpointError", "FORMAT_VERSION", "SAFE_GLOBALS",
+           "check_lightning_keys", "load_reader", "load_weights_only", "plain_settings",
+           "read_checkpoint", "reader_arguments", "reader_weights", "upgrade_hyperparameters",
+           "upgrade_state_dict"]
 
 FORMAT_VERSION = 2  # 1: before the reader had its own module (no "svhn_format" key)
 READER_PREFIX = "reader."
@@ -210,11 +216,12 @@ def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def _precision_from_run_config(path: Path) -> str:
     """Format-1 checkpoints did not record their precision; their run's config.yaml did."""
-    config = path.parent.parent / "config.yaml"
-    if path.parent.name != "checkpoints" or not config.is_file():
+    run = RunDir.of_checkpoint(path)
+    if run is None or not run.config.is_file():
         return DEFAULT_PRECISION
     try:
-        precision = (yaml.safe_load(config.read_text()) or {}).get("trainer", {}).get("precision")
+        precision = (yaml.safe_load(run.config.read_text()) or {}).get("trainer", {}).get(
+            "precision")
     except yaml.YAMLError:
         return DEFAULT_PRECISION
     return str(precision) if precision else DEFAULT_PRECISION

@@ -1,0 +1,3 @@
+"""The reader and its training: backbones, the DigitReader, box geometry, the zoom search's
+vote, metrics, the LightningModule.
+"""

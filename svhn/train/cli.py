@@ -316,9 +316,9 @@ def _default_configs(args: Sequence[str]) -> list[str]:
 
 
 def _check_logger_installed(logger) -> None:
-    """W&B logging (configs/wandb.yaml) needs the optional wandb package: say so before
-    anything is built or written, instead of Lightning's traceback from inside the
-    parser."""
+    """W&B logging (configs/wandb.yaml) needs the optional wandb package, TensorBoard
+    logging (configs/tensorboard.yaml) tensorboard or tensorboardX: say so before anything
+    is built or written, instead of Lightning's traceback from inside the parser."""
     loggers = logger if isinstance(logger, list) else [logger]
     for each in loggers:
         class_path = str(getattr(each, "class_path", "") or "")

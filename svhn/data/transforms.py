@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import albumentations as A
 import cv2
-import torch
 from albumentations.pytorch import ToTensorV2
 
 from svhn.errors import SettingError
@@ -142,9 +141,9 @@ def zoom_crop_target(box: Sequence[float], image_shape: tuple[int, ...]) -> dict
     """The extra input of the zoom preset: the digits' box grown by ZOOM_CROP_MARGIN, in
     pixels of the image about to be transformed."""
     height, width = image_shape[:2]
-    x0, y0, x1, y1 = grow_box(torch.tensor([box], dtype=torch.float64), ZOOM_CROP_MARGIN)[0]
-    return {"digits_box": [round(float(x0) * width), round(float(y0) * height),
-                           round(float(x1) * width), round(float(y1) * height)]}
+    x0, y0, x1, y1 = grow_box(box, ZOOM_CROP_MARGIN)
+    return {"digits_box": [round(x0 * width), round(y0 * height), round(x1 * width),
+                           round(y1 * height)]}
 
 
 def needs_box(preset: str) -> bool:

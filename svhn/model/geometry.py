@@ -5,6 +5,8 @@ overlaps. Used by the reader (zoom), the batch augmentation and the albumentatio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torchvision.ops import roi_align
 
@@ -27,10 +29,20 @@ def union_boxes(boxes: torch.Tensor) -> torch.Tensor:
     return boxes[:, 0] if boxes.ndim == 3 else boxes
 
 
-def grow_box(boxes: torch.Tensor, margin: float, min_size: float = 0.0) -> torch.Tensor:
-    """(B, 4) boxes grown by ``margin`` of their size per side about their centre (each side
-    at least ``min_size`` of the image before growing), clipped to the image; float32 at
-    least (bf16 boxes from autocast are too coarse for pixel positions)."""
+def grow_box(boxes: torch.Tensor | Sequence[float], margin: float,
+             min_size: float = 0.0) -> torch.Tensor | tuple[float, float, float, float]:
+    """Boxes grown by ``margin`` of their size per side about their centre (each side at
+    least ``min_size`` of the image before growing), clipped to the image: (B, 4) tensors
+    (float32 at least: bf16 boxes from autocast are too coarse for pixel positions), or one
+    box of 4 numbers as a tuple (the per-image albumentations path, where building a tensor
+    would cost more than the augmentation)."""
+    if not isinstance(boxes, torch.Tensor):
+        x0, y0, x1, y1 = (float(v) for v in boxes)
+        width = max(x1 - x0, min_size) * (1 + 2 * margin)
+        height = max(y1 - y0, min_size) * (1 + 2 * margin)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        return tuple(min(max(v, 0.0), 1.0) for v in (cx - width / 2, cy - height / 2,
+                                                     cx + width / 2, cy + height / 2))
     boxes = boxes.detach().to(torch.promote_types(boxes.dtype, torch.float32))
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=min_size) * (1 + 2 * margin)

@@ -31,8 +31,9 @@ from svhn.data.layout import has_competition_data
 from svhn.errors import MissingInputError, OutputExistsError, command
 from svhn.inference.checkpoints import CheckpointContents, read_checkpoint
 from svhn.inference.predictions import Predictions
-from svhn.inference.provenance import TrainingData, data_kind, fold_notice, training_data
+from svhn.inference.provenance import data_kind, fold_notice, training_data
 from svhn.paths import CACHE_DIR, DATA_DIR, RUNS_DIR, SYNTHETIC_DIR, SYNTHETIC_SMALL_DIR
+from svhn.train.run_summary import TrainingData
 
 __all__ = ["cache_dir_for", "data_dir_for_checkpoint", "DATA_FIGURES", "ERROR_FIGURES",
            "find_checkpoint", "find_data_dir", "find_or_train_checkpoint", "main",

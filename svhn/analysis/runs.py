@@ -39,6 +39,7 @@ from svhn.train.run_dir import RunDir
 from svhn.train.run_summary import (
     read_run_summary,
     recorded_seconds,
+    training_data_from_record,
     val_is_held_out,
 )
 
@@ -163,9 +164,9 @@ def _data_label(summary: dict[str, Any] | None, data: dict[str, Any]) -> str | N
     included) or the data folder's name, ``+extra`` with extra training folders; from
     run_summary.json, else (older runs) from the config where it says (None: unknown)."""
     record = (summary or {}).get("data")
-    if isinstance(record, dict) and record.get("data_dir"):
-        label = "synthetic" if record.get("synthetic") else Path(record["data_dir"]).name
-        return label + ("+extra" if record.get("extra_train") else "")
+    recorded = training_data_from_record(record)
+    if recorded is not None:
+        return recorded.label + ("+extra" if record.get("extra_train") else "")
     extra = "+extra" if data.get("extra_train") or data.get("synthetic_extra") else ""
     if data.get("data_dir"):
         return Path(str(data["data_dir"])).name + extra

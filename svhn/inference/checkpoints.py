@@ -52,7 +52,9 @@ SAFE_GLOBALS = (pathlib.PosixPath, pathlib.WindowsPath)
 # Only these values pass; they are dropped from what ``read_checkpoint`` returns.
 LIGHTNING_INSTANTIATORS = ("lightning.pytorch.cli.instantiate_module",)
 OWN_CLASS_PATHS = ("svhn.model.training.DigitSequenceModel",
-                   "svhn.data.datamodule.SVHNDataModule")
+                   "svhn.data.datamodule.SVHNDataModule",
+                   # where they lived before the subpackages: older checkpoints still load
+                   "svhn.module.DigitSequenceModel", "svhn.data.SVHNDataModule")
 
 
 class CheckpointError(SvhnError, ValueError):

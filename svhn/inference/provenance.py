@@ -10,57 +10,27 @@ and then nothing is claimed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from svhn.data.layout import is_generated_set
 from svhn.inference.checkpoints import CheckpointContents
 from svhn.paths import DATA_DIR
 from svhn.train.run_dir import RunDir
-from svhn.train.run_summary import read_run_summary
+from svhn.train.run_summary import TrainingData, read_run_summary, training_data_from_record
 
-__all__ = ["data_kind", "data_notice", "fold_notice", "training_data", "TrainingData"]
-
-
-@dataclass(frozen=True)
-class TrainingData:
-    """The data folder a checkpoint was trained (and validated) on."""
-
-    data_dir: Path
-    synthetic: bool  # a generated set (the quick start's fallback or svhn.synthetic's)
-    fallback: bool = False  # the quick start's fallback set in particular
-
-    @property
-    def label(self) -> str:
-        """Short: ``synthetic`` or the folder's name."""
-        return "synthetic" if self.synthetic else self.data_dir.name
-
-    def describe(self) -> str:
-        """``SYNTHETIC house numbers (the quick start's fallback set, PATH)`` or ``PATH``."""
-        if not self.synthetic:
-            return str(self.data_dir)
-        what = "the quick start's fallback set, " if self.fallback else ""
-        return f"SYNTHETIC house numbers ({what}{self.data_dir})"
-
-
-def _from_record(record: Any) -> TrainingData | None:
-    if not isinstance(record, dict) or not record.get("data_dir"):
-        return None
-    return TrainingData(Path(str(record["data_dir"])), bool(record.get("synthetic")),
-                        bool(record.get("fallback")))
+__all__ = ["data_kind", "data_notice", "fold_notice", "training_data"]
 
 
 def training_data(contents: CheckpointContents) -> TrainingData | None:
     """What ``contents`` was trained on, from the checkpoint, its run's summary or its data
     settings; None when none of them says."""
-    found = _from_record(contents.trained_on)
+    found = training_data_from_record(contents.trained_on)
     if found is not None:
         return found
     run = RunDir.of_checkpoint(contents.path)
     if run is not None:
         try:
-            found = _from_record((read_run_summary(run.path) or {}).get("data"))
+            found = training_data_from_record((read_run_summary(run.path) or {}).get("data"))
         except ValueError:
             found = None
         if found is not None:

@@ -21,6 +21,7 @@ nothing about unseen images). This module imports no Lightning, so ``svhn.runs``
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from svhn.train.run_dir import RunDir
 
 __all__ = ["final_checkpoint", "LAST_CHECKPOINT", "last_checkpoint_path",
            "not_held_out_message", "read_run_summary", "recorded_seconds", "RUN_SUMMARY_FILE",
-           "val_is_held_out", "write_run_summary"]
+           "TrainingData", "training_data_from_record", "val_is_held_out", "write_run_summary"]
 
 RUN_SUMMARY_FILE = RunDir.SUMMARY
 LAST_CHECKPOINT = RunDir.LAST
@@ -104,3 +105,33 @@ def write_run_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
     partial = path.with_suffix(".json.partial")
     partial.write_text(json.dumps(summary, indent=2) + "\n")
     partial.replace(path)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The data folder a checkpoint was trained (and validated) on."""
+
+    data_dir: Path
+    synthetic: bool  # a generated set (the quick start's fallback or svhn.synthetic's)
+    fallback: bool = False  # the quick start's fallback set in particular
+
+    @property
+    def label(self) -> str:
+        """Short: ``synthetic`` or the folder's name."""
+        return "synthetic" if self.synthetic else self.data_dir.name
+
+    def describe(self) -> str:
+        """``SYNTHETIC house numbers (the quick start's fallback set, PATH)`` or ``PATH``."""
+        if not self.synthetic:
+            return str(self.data_dir)
+        what = "the quick start's fallback set, " if self.fallback else ""
+        return f"SYNTHETIC house numbers ({what}{self.data_dir})"
+
+
+def training_data_from_record(record: Any) -> TrainingData | None:
+    """The ``data`` record of run_summary.json or a checkpoint (``SVHNDataModule.training_data``)
+    as a TrainingData; None when it names no folder."""
+    if not isinstance(record, dict) or not record.get("data_dir"):
+        return None
+    return TrainingData(Path(str(record["data_dir"])), bool(record.get("synthetic")),
+                        bool(record.get("fallback")))

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -175,3 +176,66 @@ def test_synthetic_set_is_reused_when_it_matches(synthetic_dir: Path) -> None:
     before = marker.stat().st_mtime_ns
     assert bench.prepare_synthetic(synthetic_dir, 24, 12) == synthetic_dir
     assert marker.stat().st_mtime_ns == before
+
+
+# ------------------------------------------------------------------ --search and --scale
+
+
+def test_the_search_bench_times_both_searches_and_its_sweep_matches_the_gated_pass(
+        easy_zoom_run, tmp_path) -> None:
+    """The sweep's scores come from the full pass alone; the gated pass is a real second
+    run, so at the timed gate the two must agree, image for image counted."""
+    out = tmp_path / "search.json"
+    code = bench.main(["--search", str(easy_zoom_run.best), "--data_dir",
+                       str(easy_zoom_run.data_dir), "--split", "val", "--gate", "0.2",
+                       "--batch_size", "16", "--num_workers", "0", "--device", "cpu",
+                       "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())["search"][0]
+    assert report["images"] == 81 and report["gate"] == 0.2
+    assert report["full"]["images_per_s"] > 0 and report["gated"]["images_per_s"] > 0
+    at_gate = next(row for row in report["sweep"] if row["gate"] == 0.2)
+    assert at_gate["score"] == pytest.approx(report["gated"]["score"], abs=1e-6)
+    assert at_gate["searched_share"] == pytest.approx(report["gated"]["searched_share"])
+    full_row = next(row for row in report["sweep"] if row["gate"] == 1.0)
+    assert full_row["searched_share"] == 1.0
+    assert full_row["score"] == pytest.approx(report["full"]["score"], abs=1e-6)
+    shares = [row["searched_share"] for row in report["sweep"]]
+    assert shares == sorted(shares)  # a higher gate never searches fewer images
+
+
+def test_the_scale_bench_measures_each_size_in_its_own_process(tmp_path) -> None:
+    out = tmp_path / "scale.json"
+    code = bench.main(["--scale", "--scale_train", "24", "48", "--scale_test", "16",
+                       "--synthetic_dir", str(tmp_path / "data"), "--image_size", "32", "64",
+                       "--backbones", "simple_cnn", "--batch_size", "8", "--num_workers", "0",
+                       "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [row["train_size"] for row in rows] == [24, 48]
+    assert [row["train_images"] for row in rows] == [24, 48]
+    assert [row["test_images"] for row in rows] == [8, 16]  # in proportion
+    for row in rows:
+        for key in ("cache_ms_per_image", "epoch_ms_per_image", "predict_ms_per_image",
+                    "peak_anonymous_mb", "peak_resident_mb"):
+            assert row[key] > 0, key
+    assert set(report["largest_over_smallest"]) == {
+        "cache_ms_per_image", "epoch_ms_per_image", "predict_ms_per_image"}
+    assert out.with_suffix(".png").stat().st_size > 10_000  # the log-log figure
+
+
+def test_the_gpu_check_script_parses_and_says_why_it_cannot_run_without_a_gpu(tmp_path):
+    import subprocess
+
+    from helpers.repository import REPO
+
+    script = REPO / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run the script itself")
+    done = subprocess.run(["bash", str(script)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path / "out")})
+    assert done.returncode != 0
+    assert "no CUDA device visible to torch" in done.stderr
+    assert not (tmp_path / "out" / "bench.json").exists()  # nothing measured, nothing faked

@@ -202,7 +202,8 @@ CONFIG_MEANS = {
                       "model.box_head": False, "model.zoom_steps": 0,
                       "data.image_size": [96, 192], "data.cache_scale": 1.0,
                       "data.eval_scale": 1.0},
-    "real_cpu.yaml": {"model.backbone": "resnet18d", "model.feature_grid": [2, 4],
+    "real_cpu.yaml": {"model.backbone": "resnet18d", "model.head": "detector",
+                      "model.search_gate": 0.3, "model.feature_grid": [2, 4],
                       "model.zoom_steps": 3, "model.zoom_search": True,
                       "data.image_size": [64, 128], "data.augment": "zoom",
                       "data.batch_size": 64},
@@ -234,6 +235,8 @@ def test_zoom_overlay_composes_with_a_backbone_config(capsys):
                                       "box_head: true", "eval_scale: 2.0"]),
     (["resnet18.yaml", "resnet50.yaml"], ["backbone: resnet50", "pretrained: true",
                                           "augment: strong", "precision: bf16-mixed"]),
+    (["real_cpu.yaml", "gpu_full.yaml"], ["accelerator: gpu", "augment_on: device",
+                                          "max_epochs: 40", "backbone: resnet18d"]),
 ])
 def test_recipe_chains_of_overlays_compose(chain, expected, capsys):
     args = [a for name in chain for a in ("--config", str(REPO / "configs" / name))]

@@ -396,9 +396,9 @@ def test_each_checkpoint_runs_in_its_validation_precision_unless_told(tmp_path, 
     monkeypatch.setattr(predictor, "build_trainer",
                         lambda *a, **k: built.append(a) or real_trainer("cpu", 1, None, a[3]))
     monkeypatch.setattr(predictor, "load_reader",
-                        lambda c, channels_last=None, zoom_search=None:
+                        lambda c, channels_last=None, **settings:
                         loaded.append(channels_last)
-                        or real_reader(c, channels_last=channels_last, zoom_search=zoom_search))
+                        or real_reader(c, channels_last=channels_last, **settings))
     predictor.predict_split([path], data_dir, "val", cache_dir=tmp_path / "cache",
                             accelerator="cpu", strategy="ddp_spawn", channels_last=True)
     assert built[-1] == ("cpu", 1, "ddp_spawn", "bf16-mixed") and loaded[-1] is True

@@ -316,7 +316,7 @@ def test_zoom_search_answers_with_the_chain_the_vote_picks():
     torch.manual_seed(0)
     reader = DigitReader(backbone="simple_cnn", max_len=3, box_head=True, char_boxes=True,
                          zoom_from="digits", zoom_steps=2, image_size=(32, 64),
-                         zoom_search=True).eval()
+                         zoom_search=True, search_gate=1.0).eval()
     starts = []
 
     def fake_chain(images, start):
@@ -354,7 +354,8 @@ def test_zoom_search_answers_with_the_chain_the_vote_picks():
 def test_validation_reads_one_chain_even_when_the_reader_searches():
     torch.manual_seed(0)
     model = DigitSequenceModel(backbone="simple_cnn", max_len=3, box_head=True,
-                               zoom_steps=2, image_size=(32, 64), zoom_search=True).eval()
+                               zoom_steps=2, image_size=(32, 64), zoom_search=True,
+                               search_gate=1.0).eval()
     reads = []
     original = model.reader.read
     model.reader.read = lambda images: reads.append(len(images)) or original(images)
@@ -368,6 +369,78 @@ def test_validation_reads_one_chain_even_when_the_reader_searches():
     with torch.no_grad():
         model.reader(batch["image"])
     assert len(reads) == 1 + 29 * 2  # predicting: every chain
+
+
+def _gated_reader(gate: float) -> tuple[DigitReader, list[int]]:
+    """A searching reader whose chains are fake: the first two chains (from the digits and
+    from the box head's box) read image 0 as a sure "4" (0.99 per position) and image 1 as
+    an unsure "4" (0.6), in the same place; every window chain reads "7" (0.9). Returns
+    the reader and the batch size each chain was called with."""
+    reader = DigitReader(backbone="simple_cnn", max_len=3, box_head=True, char_boxes=True,
+                         zoom_from="digits", zoom_steps=2, image_size=(32, 64),
+                         zoom_search=True, search_gate=gate).eval()
+    sizes = []
+
+    def fake_chain(images, start):
+        sizes.append(len(images))
+        if len(sizes) <= 2:  # the first two chains: one sure image, one unsure
+            logits = torch.cat([reading_logits([[4, BLANK, BLANK]], 0.99),
+                                reading_logits([[4, BLANK, BLANK]], 0.6)])[:len(images)]
+        else:
+            logits = reading_logits([[7, BLANK, BLANK]] * len(images), 0.9)
+        box = torch.tensor([[0.3, 0.3, 0.7, 0.7]]).expand(len(images), 4)
+        return {"logits": logits, "box": box, "char_boxes": box[:, None].expand(-1, 3, 4)}
+
+    reader.zoom_chain = fake_chain
+    return reader, sizes
+
+
+def test_the_gated_search_searches_only_the_images_whose_first_chains_are_unsure():
+    images = torch.randint(0, 255, (2, 3, 64, 128), dtype=torch.uint8)
+    reader, sizes = _gated_reader(0.9)  # 0.99^3 = 0.97 is sure, 0.6^3 = 0.22 is not
+    with torch.no_grad():
+        out = reader(images)
+    assert out["searched"].tolist() == [False, True]
+    assert sizes == [2, 2] + [1] * 27  # the 27 window chains read only the unsure image
+    assert out["logits"].argmax(-1)[:, 0].tolist() == [4, 7]  # kept / voted
+    # The unsearched image's chains: its two, then its answer in the windows' places, so
+    # ensembles still vote over 29 chains per member; the searched one's are its own.
+    chains = out["chain_logits"]
+    assert chains.shape == (2, 29, 3, 11)
+    assert chains[0].argmax(-1)[:, 0].eq(4).all()
+    assert chains[1, 2:].argmax(-1)[:, 0].eq(7).all()
+
+
+def test_two_first_chains_that_disagree_are_searched_however_sure():
+    images = torch.randint(0, 255, (2, 3, 64, 128), dtype=torch.uint8)
+    reader, sizes = _gated_reader(0.0)  # no image is unsure by its confidence
+    chain = reader.zoom_chain
+
+    def second_reads_otherwise(images, start):
+        out = chain(images, start)
+        if len(sizes) == 2:  # the box head's chain reads image 0 as "1"
+            out["logits"] = torch.cat([reading_logits([[1, BLANK, BLANK]], 0.99),
+                                       out["logits"][1:]])
+        return out
+
+    reader.zoom_chain = second_reads_otherwise
+    with torch.no_grad():
+        out = reader(images)
+    assert out["searched"].tolist() == [True, False]
+    assert sizes == [2, 2] + [1] * 27
+
+
+@pytest.mark.parametrize("gate, searched", [(1.0, [True, True]), (0.0, [False, False])])
+def test_gate_one_searches_every_image_and_gate_zero_only_where_chains_disagree(gate,
+                                                                                searched):
+    images = torch.randint(0, 255, (2, 3, 64, 128), dtype=torch.uint8)
+    reader, sizes = _gated_reader(gate)
+    with torch.no_grad():
+        out = reader(images)
+    assert out["searched"].tolist() == searched
+    assert sizes == [2, 2] + ([2] * 27 if all(searched) else [])  # none: no window chain
+    expected = [7, 7] if all(searched) else [4, 4]
+    assert out["logits"].argmax(-1)[:, 0].tolist() == expected
 
 
 def test_zoom_search_needs_zoom_steps():

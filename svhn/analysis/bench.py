@@ -196,7 +196,8 @@ def prepare_synthetic(out_dir: Path, n_train: int, n_test: int) -> Path:
         if all(found.get(k) == v for k, v in wanted.items()):
             return out_dir
     print(f"generating a synthetic set in {out_dir} ...", file=sys.stderr, flush=True)
-    return generate_dataset(out_dir, n_train=n_train, n_val=SYNTHETIC_VAL, n_test=n_test, seed=0)
+    return generate_dataset(out_dir, n_train=n_train, n_val=SYNTHETIC_VAL, n_test=n_test, seed=0,
+                            progress=True)
 
 
 def build_datamodule(cfg: BenchConfig, data_dir: Path, cache_dir: Path,
@@ -763,10 +764,49 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
     parser.add_argument("--json", action="store_true",
                         help="print the report as one JSON object (the table goes to stderr)")
     parser.add_argument("--out", help="also write the JSON report to this file")
+    modes = parser.add_argument_group("other measurements (instead of the stages above)")
+    modes.add_argument("--search", nargs="+", metavar="CKPT", default=None,
+                       help="the gated zoom search against the full one, per checkpoint, "
+                            "on the labelled --split of --data_dir (svhn.analysis.search_bench)")
+    modes.add_argument("--gate", type=float, default=None,
+                       help="with --search: the gate timed (default: each checkpoint's own)")
+    modes.add_argument("--scale", action="store_true",
+                       help="how costs grow with the data: synthetic sets of --scale_train "
+                            "train images and a --scale_test test set (svhn.analysis.scale_bench)")
+    modes.add_argument("--scale_train", type=int, nargs="+", default=[2000, 8000, 32000])
+    modes.add_argument("--scale_test", type=int, default=40000)
     args = vars(parser.parse_args(argv))
-    output = {key: args.pop(key) for key in ("json", "out")}
+    output = {key: args.pop(key) for key in ("json", "out", "search", "gate", "scale",
+                                               "scale_train", "scale_test")}
     args["image_size"] = tuple(args["image_size"])
     return BenchConfig(**args), output
+
+
+def _search_report(cfg: BenchConfig, output: dict) -> tuple[dict, str]:
+    from svhn.analysis.search_bench import format_search_table, measure_search
+
+    if not cfg.data_dir:
+        raise SettingError("--search reads a labelled split: give --data_dir (and --split "
+                           "val, say).")
+    device = resolve_device(cfg.device)
+    reports = [measure_search(path, cfg.data_dir, cfg.split, gate=output["gate"],
+                              batch_size=cfg.batch_size, num_workers=cfg.workers,
+                              accelerator="gpu" if device.type == "cuda" else "cpu")
+               for path in output["search"]]
+    report = {"environment": describe_environment(cfg, device, Path(cfg.data_dir), False),
+              "search": reports}
+    return report, "\n\n".join(format_search_table(r) for r in reports)
+
+
+def _scale_report(cfg: BenchConfig, output: dict) -> tuple[dict, str]:
+    from svhn.analysis.scale_bench import format_scale_table, measure_scale, plot_scale
+
+    report = measure_scale(cfg, output["scale_train"], output["scale_test"])
+    table = format_scale_table(report)
+    if output["out"]:
+        figure = plot_scale(report, Path(output["out"]).with_suffix(".png"))
+        table += f"\nFigure: {figure}"
+    return report, table
 
 
 @command
@@ -775,8 +815,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.repeats < 1 or cfg.max_batches < 1:
         raise SettingError("--repeats and --max_batches must be at least 1.")
     with quiet_lightning():  # also Lightning's per-fit banners
-        report = run_benchmark(cfg)
-    table = format_table(report)
+        if output["search"]:
+            report, table = _search_report(cfg, output)
+        elif output["scale"]:
+            report, table = _scale_report(cfg, output)
+        else:
+            report = run_benchmark(cfg)
+            table = format_table(report)
     text = json.dumps(report, indent=2)
     if output["out"]:
         Path(output["out"]).write_text(text + "\n")

@@ -212,9 +212,9 @@ def canonical_predictions(probs: torch.Tensor) -> torch.Tensor:
     order = torch.sort((~is_digit).to(torch.int8), dim=1, stable=True).indices
     aligned = torch.gather(classes, 1, order)
     empty = ~is_digit.any(dim=1)
-    if empty.any():
-        best_digit = probs[empty, :, :BLANK].amax(dim=1).argmax(dim=-1)
-        aligned[empty, 0] = best_digit
+    # For every row, then kept where the row is empty: no host sync (if empty.any()) on a GPU.
+    best_digit = probs[..., :BLANK].amax(dim=1).argmax(dim=-1)
+    aligned[:, 0] = torch.where(empty, best_digit, aligned[:, 0])
     return aligned
 
 

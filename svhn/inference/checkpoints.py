@@ -241,11 +241,13 @@ def reader_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_reader(checkpoint: str | Path | CheckpointContents,
-                channels_last: bool | None = None, zoom_search: bool | None = None
-                ) -> DigitReader:
+                channels_last: bool | None = None, zoom_search: bool | None = None,
+                search_gate: float | None = None) -> DigitReader:
     """The trained reader of a checkpoint, in eval mode on the CPU: no Lightning, no
     network (its pretrained weights are in the file). ``channels_last`` overrides the
-    memory format it was trained with, ``zoom_search`` its search setting (None: as saved)."""
+    memory format it was trained with, ``zoom_search`` its search setting and
+    ``search_gate`` its gate (``DigitReader.unsure``; 1: every image searched; None: as
+    saved)."""
     contents = checkpoint if isinstance(checkpoint, CheckpointContents) else \
         read_checkpoint(checkpoint)
     arguments = reader_arguments(contents.model)
@@ -258,6 +260,8 @@ def load_reader(checkpoint: str | Path | CheckpointContents,
                                   "(trained with box_head and zoom_steps > 0, e.g. "
                                   "configs/real_cpu.yaml); drop --zoom_search for this one.")
         arguments["zoom_search"] = zoom_search
+    if search_gate is not None:
+        arguments["search_gate"] = search_gate
     reader = DigitReader(**arguments)
     try:
         reader.load_state_dict(reader_weights(contents.state_dict))

@@ -36,6 +36,7 @@ from svhn.inference.submission import (
     write_all_or_none,
 )
 from svhn.inference.views import PLAIN_VIEWS, TTA_VIEWS
+from svhn.model.reader import SEARCH_GATE
 from svhn.paths import DATA_DIR, SUBMIT_DIR
 
 __all__ = ["count_all_blank", "default_output_path", "main", "probs_path_for"]
@@ -102,6 +103,11 @@ def _write_outputs(result: Predictions, out: Path, save_probs: bool) -> pd.DataF
     blanks = count_all_blank(result.probs)
     if blanks:
         print(f"{blanks} all-blank prediction(s) replaced by their most likely single digit.")
+    if result.searched is not None:
+        searched = int(result.searched.sum())
+        share = searched / max(len(frame), 1)
+        print(f"Zoom search on {searched} of {len(frame)} images ({share:.0%}): where the "
+              "first two chains were unsure (--full_search: every image).")
     if save_probs:
         print(f"Probabilities: {probs_path_for(out)}")
     print(f"Wrote {out} ({len(frame)} rows).")
@@ -171,7 +177,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--zoom_search", action=argparse.BooleanOptionalAction, default=None,
                         help="start zoom chains from a grid of windows too and take the "
                              "reading most of them agree on (default: as trained; on in "
-                             "configs/real_cpu.yaml). 29x the crop reads")
+                             "configs/real_cpu.yaml). Up to 29x the crop reads, spent where "
+                             "the first two chains are unsure (see --search_gate)")
+    gate = parser.add_mutually_exclusive_group()
+    gate.add_argument("--search_gate", type=float, default=None,
+                      help="run the search's 27 window chains where the first two chains "
+                           "disagree or the first's confidence is below this (default: as "
+                           f"trained, {SEARCH_GATE} for checkpoints that do not say; 1 = "
+                           "every image)")
+    gate.add_argument("--full_search", action="store_true",
+                      help="search every image (--search_gate 1): slower, the reference "
+                           "the gate is measured against")
     parser.add_argument("--tta", action="store_true",
                         help=f"also read the views {', '.join(TTA_VIEWS)} (averaged; "
                              "with the zoom search, every view's chains vote together)")
@@ -205,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
         precision=args.precision, channels_last=args.channels_last,
         zoom_search=args.zoom_search, cache_dir=args.cache_dir,
+        search_gate=1.0 if args.full_search else args.search_gate,
     )
     if not is_global_zero():
         return 0  # rank 0 holds the same gathered rows and writes them once

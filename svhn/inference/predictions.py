@@ -22,7 +22,8 @@ class Predictions:
     """Per-image outputs in file-name order: probabilities (N, max_len, 11), boxes (N, 4)
     when the readers predict them, targets (N, max_len) when the split is labelled; with
     the zoom search, every zoom chain's probabilities (N, K, max_len, 11) and final box
-    (N, K, 4), whose vote gave ``probs`` and ``boxes``."""
+    (N, K, 4), whose vote gave ``probs`` and ``boxes``, and which images the gated search
+    searched (``searched`` (N,) bool; the others answer with their first two chains)."""
 
     file_names: list[str]
     probs: torch.Tensor
@@ -30,6 +31,7 @@ class Predictions:
     targets: torch.Tensor | None = None
     chain_probs: torch.Tensor | None = None
     chain_boxes: torch.Tensor | None = None
+    searched: torch.Tensor | None = None
     checkpoints: list[Path] = field(default_factory=list)
     data_dir: Path | None = None
     split: str | None = None
@@ -73,4 +75,5 @@ def merge_sorted(parts: Sequence[Predictions], expected: Sequence[str]) -> Predi
     return Predictions(file_names=[names[i] for i in order],
                        probs=torch.cat([p.probs for p in parts])[order],
                        boxes=ordered("boxes"), targets=ordered("targets"),
-                       chain_probs=ordered("chain_probs"), chain_boxes=ordered("chain_boxes"))
+                       chain_probs=ordered("chain_probs"), chain_boxes=ordered("chain_boxes"),
+                       searched=ordered("searched"))

@@ -62,6 +62,8 @@ class ReaderPredictor(L.LightningModule):
                                                for name, o in zip(self.views, outputs)], dim=1)
             result["probs"], result["box"] = vote_over_chains(result["chain_probs"],
                                                               result["chain_boxes"])
+            if all("searched" in o for o in outputs):  # in any view: where it was unsure
+                result["searched"] = torch.stack([o["searched"] for o in outputs]).any(0)
             return result
         result["probs"] = torch.stack([o["logits"].float().softmax(-1)
                                        for o in outputs]).mean(dim=0)
@@ -79,7 +81,8 @@ def _from_batches(batches: Sequence[dict]) -> Predictions:
         return cat_or_none([b[key].cpu() if key in b else None for b in batches])
 
     return Predictions(file_names=names, probs=probs, boxes=joined("box"), targets=targets,
-                       chain_probs=joined("chain_probs"), chain_boxes=joined("chain_boxes"))
+                       chain_probs=joined("chain_probs"), chain_boxes=joined("chain_boxes"),
+                       searched=joined("searched"))
 
 
 def _gather_ranks(part: Predictions) -> list[Predictions]:
@@ -92,7 +95,8 @@ def _gather_ranks(part: Predictions) -> list[Predictions]:
     return [Predictions(**p) for p in parts if p is not None]
 
 
-_GATHERED = ("file_names", "probs", "boxes", "targets", "chain_probs", "chain_boxes")
+_GATHERED = ("file_names", "probs", "boxes", "targets", "chain_probs", "chain_boxes",
+             "searched")
 
 
 def evaluation_datamodule(contents: CheckpointContents, data_dir: str | Path, split: str, *,
@@ -145,14 +149,15 @@ def predict_split(
     views: Sequence[str] = PLAIN_VIEWS, batch_size: int = 128, num_workers: int | None = 0,
     accelerator: str = "auto", devices: int | str | list[int] = 1, strategy: str | None = None,
     precision: str | None = None, channels_last: bool | None = None,
-    zoom_search: bool | None = None, cache_dir: str | Path | None = None,
-    labelled: bool = False,
+    zoom_search: bool | None = None, search_gate: float | None = None,
+    cache_dir: str | Path | None = None, labelled: bool = False,
 ) -> Predictions:
     """Read a split with one or more checkpoints (and views), combined by ``combine``.
 
     ``precision`` None runs each checkpoint in the precision its validation ran in (what
     the score in its file name was measured with); ``channels_last`` None keeps each
-    checkpoint's memory format, ``zoom_search`` None its search setting. Each file is
+    checkpoint's memory format, ``zoom_search`` None its search setting, ``search_gate``
+    None its gate (1: the full search, every image). Each file is
     opened once (a ``CheckpointContents`` already read is not opened again): its settings
     and its reader come from that one read.
     """
@@ -174,7 +179,7 @@ def predict_split(
                                            num_workers=num_workers, cache_dir=cache_dir,
                                            labelled=labelled)
         reader = load_reader(content, channels_last=channels_last,
-                             zoom_search=zoom_search)
+                             zoom_search=zoom_search, search_gate=search_gate)
         if is_global_zero():
             source = "as given" if precision else "as validated"
             print(f"Reading {split} with {content.path.name} in {run_precision} ({source}).",

@@ -5,9 +5,11 @@ feeding ``max_len`` parallel per-character heads, and optionally a box head that
 where the digits are. With ``zoom_steps > 0`` it reads the whole image, then reads again
 ``zoom_steps`` times on a crop around the box it found, each crop cut around the box the
 previous crop predicted (a zoom chain); the last crop's reading is the answer. With
-``zoom_search`` it also starts chains from a fixed grid of windows and answers with the
-reading most chains agree on. No Lightning here: training lives in ``svhn.model.training``,
-prediction in ``svhn.inference``.
+``zoom_search`` it also starts chains from a fixed grid of windows, where its first two
+chains are unsure (``search_gate``), and answers with the reading most chains agree on.
+With ``head: detector`` each read's digits come from ``svhn.model.detector`` instead of
+the parallel heads, in the same (B, max_len, 11) form. No Lightning here: training lives
+in ``svhn.model.training``, prediction in ``svhn.inference``.
 """
 
 from __future__ import annotations
@@ -20,16 +22,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from svhn.data.images import DEFAULT_IMAGE_SIZE
-from svhn.data.labels import BLANK, DEFAULT_MAX_LEN, NUM_CLASSES
+from svhn.data.labels import BLANK, DEFAULT_MAX_LEN, NUM_CLASSES, canonical_predictions
 from svhn.data.transforms import ZOOM_CROP_MARGIN
 from svhn.errors import SettingError
 from svhn.model.backbones import create_backbone, input_normalization
-from svhn.model.geometry import box_from_crop, crop_boxes, crop_region
-from svhn.model.vote import voted_chain
+from svhn.model.detector import DETECTION_STRIDE, DetectionHead, decode_detections
+from svhn.model.geometry import box_from_crop, crop_boxes, crop_region, pairwise_iou
+from svhn.model.vote import chain_confidence, voted_chain
 
-__all__ = ["DigitHeads", "DigitReader", "search_windows", "ZOOM_FROM"]
+__all__ = ["DigitHeads", "DigitReader", "HEADS", "search_windows", "ZOOM_FROM"]
 
 ZOOM_FROM = ("box", "digits")
+HEADS = ("positions", "detector")
+# The zoom search also runs where the first chain's confidence is below this (besides
+# where the first two chains disagree): chosen on the real val sweep of docs/experiments.md.
+SEARCH_GATE = 0.3
 # Where ``zoom_search`` starts its extra chains: a 3x3 grid of window centres (normalised x,
 # y) at three window sizes (width, height), 27 windows besides the two predicted boxes.
 _SEARCH_CENTRES = ((0.25, 0.5, 0.75), (0.3, 0.5, 0.7))
@@ -96,6 +103,17 @@ class DigitReader(nn.Module):
             (``forward(search=False)``).
         channels_last: feed the convolutions channels-last (faster on GPUs, and on CPUs with
             AMX under bf16).
+        search_gate: the zoom search's 27 window chains run only on the images where the
+            first two chains disagree (reading or place) or the first chain's confidence
+            (the product of its positions' top probabilities) is below this; 1 searches
+            every image (``svhn.predict --full_search``).
+        head: ``positions`` (the parallel per-character heads) or ``detector``: a dense
+            digit detector over the backbone's stride-8/16/32 maps (``svhn.model.detector``)
+            whose digits, sorted left to right, fill the positions; the same (B, max_len,
+            11) reading, so the zoom, the vote and ensembles work unchanged. Needs a timm
+            CNN backbone (its feature maps) and ``char_boxes: true`` (the digits' boxes it
+            learns from and reports); ignores ``hidden_dim`` and ``dropout``.
+        detect_threshold: with the detector, the score from which a detection is a digit.
     """
 
     def __init__(
@@ -116,6 +134,9 @@ class DigitReader(nn.Module):
         zoom_margin: float = ZOOM_CROP_MARGIN,
         zoom_search: bool = False,
         channels_last: bool = False,
+        search_gate: float = SEARCH_GATE,
+        head: str = "positions",
+        detect_threshold: float = 0.25,
     ):
         super().__init__()
         if zoom_steps < 0:
@@ -132,24 +153,55 @@ class DigitReader(nn.Module):
             raise SettingError("zoom_from: digits needs char_boxes: true and box_head: true "
                              "(the digits' boxes say where to zoom, the box head where "
                              "no digit is read).")
+        if head not in HEADS:
+            raise SettingError(f"head {head!r}: choose one of {HEADS}.")
+        if head == "detector" and not char_boxes:
+            raise SettingError("head: detector needs char_boxes: true (it learns from the "
+                               "digits' boxes and reports them).")
+        if not 0 <= search_gate <= 1:
+            raise SettingError(f"search_gate {search_gate!r}: must be in [0, 1] (1 searches "
+                               "every image).")
+        if not 0 < detect_threshold < 1:
+            raise SettingError(f"detect_threshold {detect_threshold!r}: must be in (0, 1).")
         self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.max_len = max_len
+        self.head = head
+        self.detect_threshold = detect_threshold
         self.zoom_from = zoom_from
         self.zoom_steps = zoom_steps
         self.zoom_margin = zoom_margin
         self.zoom_search = zoom_search
+        self.search_gate = search_gate
         self.channels_last = channels_last
-        self.backbone = create_backbone(backbone, pretrained, pretrained_weights, feature_grid,
-                                        timm_args)
-        features = self.backbone.num_features
-        self.heads = DigitHeads(features, max_len, hidden_dim, dropout)
+        self.detector: DetectionHead | None = None
+        if head == "detector":
+            # The maps themselves, not pooled: the detector reads them; the box head reads
+            # the last one pooled to feature_grid.
+            self.backbone = create_backbone(backbone, pretrained, pretrained_weights, None,
+                                            timm_args)
+            self.detect_levels, channels = _detection_levels(self.backbone, backbone)
+            self.detector = DetectionHead(channels)
+            self.box_pool = nn.AdaptiveAvgPool2d(tuple(feature_grid or (1, 1)))
+            features = channels[-1] * self.box_pool.output_size[0] * self.box_pool.output_size[1]
+        else:
+            self.backbone = create_backbone(backbone, pretrained, pretrained_weights,
+                                            feature_grid, timm_args)
+            features = self.backbone.num_features
+        self.heads = None
+        self.char_box_regressor = None
+        if head == "positions":
+            self.heads = DigitHeads(features, max_len, hidden_dim, dropout)
+            if char_boxes:
+                self.char_box_regressor = nn.Linear(features, max_len * 4)
         self.box_regressor = nn.Linear(features, 4) if box_head else None
-        self.char_box_regressor = nn.Linear(features, max_len * 4) if char_boxes else None
         mean, std = input_normalization(self.backbone)
         # Not saved: they follow from the backbone, and older checkpoints do not have them.
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255,
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255,
                              persistent=False)
+        # On the reader's device: no host-to-device copy per searched batch.
+        self.register_buffer("search_starts", search_windows(), persistent=False)
         self.compiled_backbone: nn.Module | None = None
         self.apply_memory_format()
 
@@ -177,6 +229,8 @@ class DigitReader(nn.Module):
         and, with a box head, ``box`` (B, 4)."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if self.detector is not None:
+            return self.detect(images)
         # "or" would ask the compiled module for its len(), which it refuses
         backbone = self.backbone if self.compiled_backbone is None else self.compiled_backbone
         features = backbone(images)
@@ -186,6 +240,21 @@ class DigitReader(nn.Module):
         if self.char_box_regressor is not None:
             chars = self.char_box_regressor(features).sigmoid()
             out["char_boxes"] = chars.view(len(chars), -1, 4)
+        return out
+
+    def detect(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``read`` with the detector: ``detection`` (the head's maps, for the loss), the
+        decoded ``logits`` (log-probabilities) and ``char_boxes``, and the ``box``."""
+        maps = self.backbone.forward_intermediates(images, indices=self.detect_levels,
+                                                   intermediates_only=True)
+        detection = self.detector(maps)
+        with torch.no_grad():  # decoding picks cells: nothing to learn through it
+            found = decode_detections(detection, self.max_len, self.detect_threshold)
+        out = {"logits": found["probs"].clamp(min=1e-6).log(),
+               "char_boxes": found["char_boxes"], "detection": detection}
+        if self.box_regressor is not None:
+            pooled = torch.flatten(self.box_pool(maps[-1]), 1)
+            out["box"] = self.box_regressor(pooled).sigmoid()
         return out
 
     def zoom_box(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -214,6 +283,51 @@ class DigitReader(nn.Module):
             result["char_boxes"] = box_from_crop(out["char_boxes"].float(), region)
         return result
 
+    def search(self, images: torch.Tensor, out: dict[str, torch.Tensor],
+               first: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The zoom search, spent where it is unsure: a second chain from the box head's
+        box for every image, then 27 more chains from ``search_windows()`` and the vote
+        (``voted_chain``) over all 29 only on the images ``unsure`` picks (every image when
+        ``search_gate`` is 1: the full search). ``searched`` (B,) says which."""
+        second = self.zoom_chain(images, out["box"].float())  # from the box head's box
+        rows = None
+        if self.search_gate < 1:
+            # The one host sync of the search: how many images to search decides the work.
+            rows = self.unsure(first, second).nonzero().squeeze(1)
+        result = {key: value for key, value in voted_chain([first, second]).items()
+                  if key in first}
+        # An image not searched: its two chains, then its answer in the windows' places
+        # (the search would have agreed: what the gate assumes), so ensembles still vote
+        # over 29 chains per member.
+        fill = [first, second] + [result] * len(self.search_starts)
+        result["chain_logits"] = torch.stack(
+            [chain["logits"].to(result["logits"].dtype) for chain in fill], 1)
+        result["chain_boxes"] = torch.stack([chain["box"].float() for chain in fill], 1)
+        if rows is None or len(rows):  # (its length is known here: nonzero synced already)
+            subset = images if rows is None else images[rows]
+            windows = self.search_starts.to(images.device)[:, None].expand(-1, len(subset), 4)
+            chains = [_take(first, rows), _take(second, rows)] + [
+                self.zoom_chain(subset, window) for window in windows]
+            voted = voted_chain(chains)
+            result = {key: _put(value, rows, voted[key]) for key, value in result.items()}
+        searched = torch.ones(len(images), dtype=torch.bool, device=images.device)
+        if rows is not None:
+            searched = torch.zeros_like(searched).index_fill(0, rows, True)
+        result["searched"] = searched
+        return result
+
+    def unsure(self, first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
+               ) -> torch.Tensor:
+        """(B,) the images worth the search: the first two chains (from the digits read and
+        from the box head's box) do not all read the same number in the same place (box
+        IoU above 0.5), or the first chain's answer is less confident than
+        ``search_gate``."""
+        probs = [chain["logits"].float().softmax(-1) for chain in (first, second)]
+        readings = [canonical_predictions(p) for p in probs]
+        agree = (readings[0] == readings[1]).all(-1)
+        overlap = pairwise_iou(torch.stack([first["box"], second["box"]]).float())[0, 1]
+        return ~agree | (overlap <= 0.5) | (chain_confidence(probs[0]) < self.search_gate)
+
     def forward(self, images: torch.Tensor, search: bool | None = None
                 ) -> dict[str, torch.Tensor]:
         """Like ``read`` on the whole image; with ``zoom_steps`` outside training, the logits
@@ -230,22 +344,54 @@ class DigitReader(nn.Module):
         out = self.read(whole)
         if not self.zoom_steps or self.training:
             return out
-        starts = [self.zoom_box(out)]
+        first = self.zoom_chain(images, self.zoom_box(out))
         if self.zoom_search if search is None else search:
-            windows = search_windows().to(images.device)
-            starts += [out["box"].float(), *windows[:, None].expand(-1, len(images), 4)]
-        chains = [self.zoom_chain(images, start) for start in starts]
-        result = chains[0] if len(chains) == 1 else voted_chain(chains)
+            result = self.search(images, out, first)
+        else:
+            result = first
         result["first_pass_logits"] = out["logits"]
         return result
 
 
-@functools.cache  # a constant: built once, not on every batch
+def _put(into: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
+    """``into`` with ``values`` at ``rows`` (all of it when rows is None)."""
+    if rows is None:
+        return values
+    return into.index_put((rows,), values.to(into.dtype))
+
+
+def _detection_levels(model: nn.Module, name: str) -> tuple[list[int], list[int]]:
+    """The indices and channels of a timm model's feature maps at stride 8 and coarser."""
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, list) or not hasattr(model, "forward_intermediates"):
+        raise SettingError(f"head: detector needs a timm CNN backbone that gives its feature "
+                           f"maps (resnet18d, resnet50, ...); {name!r} does not.")
+    levels = [i for i, level in enumerate(info) if level["reduction"] >= DETECTION_STRIDE]
+    if not levels or info[levels[0]]["reduction"] != DETECTION_STRIDE:
+        raise SettingError(f"head: detector needs a stride-{DETECTION_STRIDE} feature map; "
+                           f"backbone {name!r} has strides "
+                           f"{[level['reduction'] for level in info]}.")
+    return levels, [info[i]["num_chs"] for i in levels]
+
+
+def _rows(value: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return value if rows is None else value[rows]
+
+
+def _take(chain: dict[str, torch.Tensor], rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {key: _rows(value, rows) for key, value in chain.items()}
+
+
 def search_windows() -> torch.Tensor:
     """The (27, 4) normalised windows ``zoom_search`` starts chains from, clipped to the
-    image: every size of _SEARCH_SIZES at every centre of the _SEARCH_CENTRES grid. Shared:
-    do not modify it in place."""
+    image: every size of _SEARCH_SIZES at every centre of the _SEARCH_CENTRES grid. A new
+    tensor each call (the reader keeps its own as a buffer, so it sits on its device)."""
+    return torch.tensor(_search_window_values())
+
+
+@functools.cache  # a constant: computed once, as numbers (a cached tensor could be fake)
+def _search_window_values() -> tuple[tuple[float, float, float, float], ...]:
     xs, ys = _SEARCH_CENTRES
-    windows = [(x - w / 2, y - h / 2, x + w / 2, y + h / 2)
-               for w, h in _SEARCH_SIZES for x in xs for y in ys]
-    return torch.tensor(windows).clamp(0, 1)
+    return tuple(tuple(min(max(v, 0.0), 1.0) for v in (x - w / 2, y - h / 2, x + w / 2,
+                                                        y + h / 2))
+                 for w, h in _SEARCH_SIZES for x in xs for y in ys)

@@ -27,6 +27,7 @@ from svhn.inference.checkpoints import (
     upgrade_hyperparameters,
     upgrade_state_dict,
 )
+from svhn.model.detector import detection_loss
 from svhn.model.metrics import SequenceMetrics, whole_string_correct
 from svhn.model.reader import DigitReader
 
@@ -39,13 +40,14 @@ class DigitSequenceModel(L.LightningModule):
     """Trains a ``DigitReader``; ``reader_args`` are its arguments (backbone, pretrained,
     pretrained_weights, timm_args, max_len, image_size, hidden_dim, dropout, feature_grid,
     box_head, char_boxes, zoom_from, zoom_steps, zoom_margin, zoom_search, channels_last: see
-    ``svhn.model.reader.DigitReader``).
+    head, detect_threshold: see ``svhn.model.reader.DigitReader``).
 
     Training args:
         label_smoothing: cross-entropy label smoothing.
         box_loss_weight: weight of the box loss (smooth L1) against the digit loss.
         char_box_loss_weight: weight of the per-digit box loss (smooth L1 over the positions
-            that hold a digit; readers with ``char_boxes``).
+            that hold a digit; readers with ``char_boxes``); with ``head: detector``, the
+            weight of its digit boxes' generalised IoU loss.
         init_from: start from the weights of this checkpoint (fine-tuning), not a resume.
         optimizer: adam, adamw or sgd.
         lr, weight_decay, momentum: optimiser settings (momentum for sgd).
@@ -101,9 +103,10 @@ class DigitSequenceModel(L.LightningModule):
             self._start_from(init_from)
         # ModuleDict keys cannot be "train" (an nn.Module attribute), hence the suffix.
         self.metrics = torch.nn.ModuleDict(
-            {f"{stage}_metrics": SequenceMetrics(len(self.reader.heads.heads))
+            {f"{stage}_metrics": SequenceMetrics(self.reader.max_len)
              for stage in STAGES})
-        self.first_pass_seq_acc = MeanMetric() if self.reader.zoom_steps else None
+        self.first_pass_seq_acc = (MeanMetric(nan_strategy="disable")
+                                   if self.reader.zoom_steps else None)
 
     def _start_from(self, checkpoint: str) -> None:
         """Fine-tuning: every reader tensor whose name and shape match (heads may differ,
@@ -150,15 +153,23 @@ class DigitSequenceModel(L.LightningModule):
         # runs it.
         out = self.reader(batch["image"], search=False)
         logits, targets = out["logits"], batch["target"]
-        loss = F.cross_entropy(logits.reshape(-1, NUM_CLASSES).float(), targets.reshape(-1),
-                               label_smoothing=self.hparams.label_smoothing)
         batch_size = targets.shape[0]
+        if "detection" in out:  # training the detector: its own loss, per cell
+            parts = detection_loss(out["detection"], batch["char_boxes"], targets)
+            for name, value in parts.items():
+                self.log(f"{stage}/detect_{name}", value, batch_size=batch_size,
+                         sync_dist=True, on_step=False, on_epoch=True)
+            loss = parts["class_loss"] + self.hparams.char_box_loss_weight * parts["box_loss"]
+        else:  # the heads' readings (the detector's too in evaluation: comparable losses)
+            loss = F.cross_entropy(logits.reshape(-1, NUM_CLASSES).float(),
+                                   targets.reshape(-1),
+                                   label_smoothing=self.hparams.label_smoothing)
         if "box" in out:
             box_loss = F.smooth_l1_loss(out["box"].float(), batch["box"], beta=0.05)
             self.log(f"{stage}/box_loss", box_loss, batch_size=batch_size, sync_dist=True,
                      on_step=False, on_epoch=True)
             loss = loss + self.hparams.box_loss_weight * box_loss
-        if "char_boxes" in out:
+        if "char_boxes" in out and self.reader.char_box_regressor is not None:
             char_box_loss = digit_box_loss(out["char_boxes"], batch["char_boxes"], targets)
             self.log(f"{stage}/char_box_loss", char_box_loss, batch_size=batch_size,
                      sync_dist=True, on_step=False, on_epoch=True)

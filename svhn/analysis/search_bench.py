@@ -1,0 +1,134 @@
+"""The gated zoom search against the full one, on a labelled split:
+``python -m svhn.bench --search CKPT [CKPT ...] --data_dir DIR [--split val]``.
+
+Each checkpoint reads the split twice through ``svhn.predict``'s path (``Trainer.predict``,
+the checkpoint's precision, the image cache built beforehand, one warm-up batch first), each
+pass timed: once with the full search (every image's 29 chains) and once with the gate (the
+window chains only where the first two chains disagree or the first is less confident
+than the gate: ``DigitReader.unsure``). The full pass also yields
+the score of any other gate exactly: an image's search does not depend on the other images,
+and its first chain is chain 0 of its search. So the sweep of gates costs no more passes,
+and the gated pass's own score checks that claim.
+
+For each gate the report says the share of images searched, the whole-string score, its
+difference from the full search's, and where the gate matters: the images it did not search
+whose answer the full search would have changed, and who had them right.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from svhn.data.labels import canonical_predictions
+from svhn.inference.checkpoints import load_reader, read_checkpoint
+from svhn.inference.predictor import build_trainer, evaluation_datamodule, predict_with_reader
+from svhn.model.geometry import pairwise_iou
+from svhn.model.metrics import whole_string_correct
+from svhn.model.reader import SEARCH_GATE, search_windows
+from svhn.model.vote import chain_confidence, vote_over_chains
+
+__all__ = ["DEFAULT_GATES", "format_search_table", "gate_sweep", "measure_search"]
+
+DEFAULT_GATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
+
+
+def gate_sweep(chain_probs: torch.Tensor, chain_boxes: torch.Tensor, full_probs: torch.Tensor,
+               targets: torch.Tensor, gates: Sequence[float]) -> list[dict]:
+    """Each gate's score from one full search, as ``DigitReader.unsure`` gates: (N, K,
+    L, 11) chain probabilities and (N, K, 4) boxes in the search's order (the first chain's
+    readings, the box head's chain's, then the windows'), the (N, L, 11) answer the full
+    search gave, (N, L) targets."""
+    per_chain = chain_probs.shape[1] // (2 + len(search_windows()))  # readings per chain
+    first, second = chain_probs[:, :per_chain], chain_probs[:, per_chain:2 * per_chain]
+    readings = canonical_predictions(torch.cat([first, second], 1).flatten(0, 1)
+                                     ).view(len(targets), 2 * per_chain, -1)
+    agree = (readings == readings[:, :1]).all(-1).all(-1)
+    boxes = chain_boxes[:, [0, per_chain]].transpose(0, 1)  # (2, N, 4)
+    agree &= pairwise_iou(boxes.float())[0, 1] > 0.5
+    if per_chain == 1:
+        answer = first[:, 0]
+    else:
+        answer, _ = vote_over_chains(first, chain_boxes[:, :per_chain])
+    confidence = chain_confidence(answer)
+    kept, _ = vote_over_chains(chain_probs[:, :2 * per_chain], chain_boxes[:, :2 * per_chain])
+    full_right = whole_string_correct(full_probs, targets).bool()
+    kept_right = whole_string_correct(kept, targets).bool()
+    changed = ~(kept.argmax(-1) == full_probs.argmax(-1)).all(-1)  # the search's answer
+    count = len(targets)
+    rows = []
+    for gate in gates:
+        searched = torch.ones_like(changed) if gate >= 1 else ~agree | (confidence < gate)
+        right = torch.where(searched, full_right, kept_right)
+        missed = ~searched & changed  # the search would have answered otherwise
+        rows.append({
+            "gate": gate, "searched_share": float(searched.float().mean()),
+            "score": float(right.float().mean()),
+            "score_vs_full": float(right.float().mean() - full_right.float().mean()),
+            "missed_changes": int(missed.sum()), "missed_share": int(missed.sum()) / count,
+            "missed_full_right": int((missed & full_right).sum()),
+            "missed_first_right": int((missed & kept_right).sum()),
+        })
+    return rows
+
+
+def _timed_pass(reader, datamodule, trainer) -> tuple[float, object]:
+    start = time.perf_counter()
+    predictions = predict_with_reader(reader, datamodule, trainer)
+    return time.perf_counter() - start, predictions
+
+
+def measure_search(checkpoint: str | Path, data_dir: str | Path, split: str = "val",
+                   gates: Sequence[float] = DEFAULT_GATES, gate: float | None = None,
+                   batch_size: int = 128, num_workers: int = 0,
+                   accelerator: str = "auto") -> dict:
+    """One checkpoint's full and gated passes over a labelled split, and the gate sweep."""
+    contents = read_checkpoint(checkpoint)
+    gate = float(contents.model.get("search_gate", SEARCH_GATE)) if gate is None else gate
+    datamodule = evaluation_datamodule(contents, data_dir, split, batch_size=batch_size,
+                                       num_workers=num_workers, labelled=True)
+    datamodule.prepare_data()  # the cache is built once, outside the timing
+    full = load_reader(contents, zoom_search=True, search_gate=1.0)
+    gated = load_reader(contents, zoom_search=True, search_gate=gate)
+    warm_up = build_trainer(accelerator, precision=contents.precision, progress_bar=False,
+                            limit_batches=1)
+    trainer = build_trainer(accelerator, precision=contents.precision, progress_bar=False)
+    predict_with_reader(full, datamodule, warm_up, subset=True)
+    full_seconds, full_out = _timed_pass(full, datamodule, trainer)
+    gated_seconds, gated_out = _timed_pass(gated, datamodule, trainer)
+    count = len(full_out)
+    sweep = gate_sweep(full_out.chain_probs, full_out.chain_boxes, full_out.probs,
+                       full_out.targets, sorted({*gates, gate}))
+    return {
+        "checkpoint": str(checkpoint), "split": split, "images": count,
+        "precision": contents.precision, "gate": gate,
+        "full": {"seconds": full_seconds, "images_per_s": count / full_seconds,
+                 "score": float(whole_string_correct(full_out.probs, full_out.targets).mean())},
+        "gated": {"seconds": gated_seconds, "images_per_s": count / gated_seconds,
+                  "score": float(whole_string_correct(gated_out.probs,
+                                                      gated_out.targets).mean()),
+                  "searched_share": float(gated_out.searched.float().mean())},
+        "speedup": full_seconds / gated_seconds,
+        "sweep": sweep,
+    }
+
+
+def format_search_table(report: dict) -> str:
+    full, gated = report["full"], report["gated"]
+    lines = [
+        f"{Path(report['checkpoint']).name} on {report['split']} ({report['images']} images, "
+        f"{report['precision']}):",
+        f"  full search : {full['images_per_s']:7.1f} images/s  score {full['score']:.3f}",
+        f"  gated ({report['gate']:g})  : {gated['images_per_s']:7.1f} images/s  score "
+        f"{gated['score']:.3f}  searched {gated['searched_share']:.0%}  "
+        f"-> {report['speedup']:.1f}x the full search's images/s",
+        "  gate   searched  score   vs full  missed changes (full right / gated right)",
+    ]
+    for row in report["sweep"]:
+        lines.append(f"  {row['gate']:<6g} {row['searched_share']:7.0%}  {row['score']:.3f}  "
+                     f"{row['score_vs_full']:+.3f}   {row['missed_changes']:3d} "
+                     f"({row['missed_full_right']} / {row['missed_first_right']})")
+    return "\n".join(lines)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one GPU check: run once on a machine with a CUDA GPU, after the project's own install
-# (pip install -e .); needs no network. About 6-8 minutes:
+# (pip install -e .); needs no network. 8 minutes at most (each step has a time limit):
 #   1. svhn.bench on cuda: resnet18 and resnet50, bf16, channels-last; model alone against
 #      end to end with the augmentation on the CPU and on the device, the host-to-device
 #      copy, predict (a synthetic set it generates);
@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 print("gpu_check on", torch.cuda.get_device_name(0), "torch", torch.__version__, flush=True)
 PY
 start=$(date +%s)
-timeout 300 python -m svhn.bench --device cuda --backbones resnet18 resnet50 \
+timeout 240 python -m svhn.bench --device cuda --backbones resnet18 resnet50 \
     --precision bf16-mixed --channels_last --augment zoom --batch_size 256 --max_batches 10 \
     --repeats 2 --synthetic_dir "$OUT/bench_synthetic" --json --out "$OUT/bench.json" \
     > /dev/null 2> "$OUT/bench.txt"  # the JSON to the file, the table to bench.txt
@@ -26,13 +26,13 @@ bench_s=$(( $(date +%s) - start ))
 fit_s=""; ckpt=""
 if [ -n "${SVHN_DATA_DIR:-}" ] && [ -d "$SVHN_DATA_DIR/mchar_train" ]; then
     start=$(date +%s)
-    timeout 240 python -m svhn.fit --config configs/real_cpu.yaml --config configs/gpu_full.yaml \
+    timeout 150 python -m svhn.fit --config configs/real_cpu.yaml --config configs/gpu_full.yaml \
         --data.data_dir "$SVHN_DATA_DIR" --trainer.max_epochs 3 \
         --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.name gpu_check \
         > "$OUT/fit.log" 2>&1
     fit_s=$(( $(date +%s) - start ))
     ckpt=$(ls -t "$OUT"/runs/gpu_check/version_*/checkpoints/epoch*.ckpt | head -1)
-    timeout 120 python -m svhn.bench --search "$ckpt" --data_dir "$SVHN_DATA_DIR" --split val \
+    timeout 90 python -m svhn.bench --search "$ckpt" --data_dir "$SVHN_DATA_DIR" --split val \
         --device cuda --json --out "$OUT/search.json" > /dev/null 2> "$OUT/search.txt"
 fi
 BENCH_S=$bench_s FIT_S=$fit_s CKPT=$ckpt python - "$OUT" <<'PY'

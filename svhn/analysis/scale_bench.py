@@ -224,32 +224,27 @@ def format_scale_table(report: dict) -> str:
 
 def plot_scale(report: dict, path: Path) -> Path:
     """The log-log figure: each cost per image and the memory peak against the train size."""
-    import matplotlib
-    import matplotlib.ticker
+    from matplotlib.ticker import NullLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from svhn.analysis.plots import new_figure, save
 
     sizes = [row["train_size"] for row in report["rows"]]
-    figure, (costs, memory) = plt.subplots(1, 2, figsize=(10, 4))
+    figure = new_figure(10, 4)
+    costs, memory = figure.subplots(1, 2)
     for key, label in (("cache_ms_per_image", "cache build"), ("epoch_ms_per_image", "epoch"),
                        ("predict_ms_per_image", "predict")):
         costs.loglog(sizes, [row[key] for row in report["rows"]], "o-", label=label)
     costs.set(xlabel="train images", ylabel="ms per image", title="time per image (flat = linear)")
-    costs.legend()
     memory.loglog(sizes, [row["peak_anonymous_mb"] for row in report["rows"]], "o-",
                   label="anonymous (process + workers)")
     memory.loglog(sizes, [row["peak_resident_mb"] for row in report["rows"]], "s--",
                   label="resident, with mapped cache pages")
     memory.set(xlabel="train images", ylabel="MB", title="peak memory")
-    memory.legend()
     for axis in (costs, memory):  # the measured sizes, not the log scale's minor ticks
-        axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        axis.legend()
+        axis.xaxis.set_minor_locator(NullLocator())
         axis.set_xticks(sizes, [f"{size:,}" for size in sizes])
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

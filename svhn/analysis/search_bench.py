@@ -23,13 +23,11 @@ from pathlib import Path
 
 import torch
 
-from svhn.data.labels import canonical_predictions
 from svhn.inference.checkpoints import load_reader, read_checkpoint
 from svhn.inference.predictor import build_trainer, evaluation_datamodule, predict_with_reader
-from svhn.model.geometry import pairwise_iou
 from svhn.model.metrics import whole_string_correct
-from svhn.model.reader import SEARCH_GATE, search_windows
-from svhn.model.vote import chain_confidence, vote_over_chains
+from svhn.model.reader import SEARCH_GATE
+from svhn.model.vote import chains_unsure, vote_over_chains
 
 __all__ = ["DEFAULT_GATES", "format_search_table", "gate_sweep", "measure_search"]
 
@@ -38,30 +36,19 @@ DEFAULT_GATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
 
 def gate_sweep(chain_probs: torch.Tensor, chain_boxes: torch.Tensor, full_probs: torch.Tensor,
                targets: torch.Tensor, gates: Sequence[float]) -> list[dict]:
-    """Each gate's score from one full search, as ``DigitReader.unsure`` gates: (N, K,
-    L, 11) chain probabilities and (N, K, 4) boxes in the search's order (the first chain's
-    readings, the box head's chain's, then the windows'), the (N, L, 11) answer the full
-    search gave, (N, L) targets."""
-    per_chain = chain_probs.shape[1] // (2 + len(search_windows()))  # readings per chain
-    first, second = chain_probs[:, :per_chain], chain_probs[:, per_chain:2 * per_chain]
-    readings = canonical_predictions(torch.cat([first, second], 1).flatten(0, 1)
-                                     ).view(len(targets), 2 * per_chain, -1)
-    agree = (readings == readings[:, :1]).all(-1).all(-1)
-    boxes = chain_boxes[:, [0, per_chain]].transpose(0, 1)  # (2, N, 4)
-    agree &= pairwise_iou(boxes.float())[0, 1] > 0.5
-    if per_chain == 1:
-        answer = first[:, 0]
-    else:
-        answer, _ = vote_over_chains(first, chain_boxes[:, :per_chain])
-    confidence = chain_confidence(answer)
-    kept, _ = vote_over_chains(chain_probs[:, :2 * per_chain], chain_boxes[:, :2 * per_chain])
+    """Each gate's score from one full search, gated as the reader gates
+    (``chains_unsure``): (N, K, L, 11) chain probabilities and (N, K, 4) boxes in the
+    search's order (the first chain, the box head's chain, then the windows'), the
+    (N, L, 11) answer the full search gave, (N, L) targets."""
+    kept, _ = vote_over_chains(chain_probs[:, :2], chain_boxes[:, :2])  # a skipped image's
     full_right = whole_string_correct(full_probs, targets).bool()
     kept_right = whole_string_correct(kept, targets).bool()
     changed = ~(kept.argmax(-1) == full_probs.argmax(-1)).all(-1)  # the search's answer
     count = len(targets)
     rows = []
     for gate in gates:
-        searched = torch.ones_like(changed) if gate >= 1 else ~agree | (confidence < gate)
+        searched = torch.ones_like(changed) if gate >= 1 else chains_unsure(
+            chain_probs[:, 0], chain_probs[:, 1], chain_boxes[:, 0], chain_boxes[:, 1], gate)
         right = torch.where(searched, full_right, kept_right)
         missed = ~searched & changed  # the search would have answered otherwise
         rows.append({

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from svhn.data.images import DEFAULT_IMAGE_SIZE
-from svhn.data.labels import BLANK, DEFAULT_MAX_LEN, NUM_CLASSES, canonical_predictions
+from svhn.data.labels import BLANK, DEFAULT_MAX_LEN, NUM_CLASSES
 from svhn.data.transforms import ZOOM_CROP_MARGIN
 from svhn.errors import SettingError
 from svhn.model.backbones import create_backbone, input_normalization
 from svhn.model.detector import DETECTION_STRIDE, DetectionHead, decode_detections
-from svhn.model.geometry import box_from_crop, crop_boxes, crop_region, pairwise_iou
-from svhn.model.vote import chain_confidence, voted_chain
+from svhn.model.geometry import box_from_crop, crop_boxes, crop_region
+from svhn.model.vote import chains_unsure, voted_chain
 
 __all__ = ["DigitHeads", "DigitReader", "HEADS", "search_windows", "ZOOM_FROM"]
 
@@ -165,7 +165,6 @@ class DigitReader(nn.Module):
             raise SettingError(f"detect_threshold {detect_threshold!r}: must be in (0, 1).")
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.max_len = max_len
-        self.head = head
         self.detect_threshold = detect_threshold
         self.zoom_from = zoom_from
         self.zoom_steps = zoom_steps
@@ -318,15 +317,11 @@ class DigitReader(nn.Module):
 
     def unsure(self, first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
                ) -> torch.Tensor:
-        """(B,) the images worth the search: the first two chains (from the digits read and
-        from the box head's box) do not all read the same number in the same place (box
-        IoU above 0.5), or the first chain's answer is less confident than
-        ``search_gate``."""
-        probs = [chain["logits"].float().softmax(-1) for chain in (first, second)]
-        readings = [canonical_predictions(p) for p in probs]
-        agree = (readings[0] == readings[1]).all(-1)
-        overlap = pairwise_iou(torch.stack([first["box"], second["box"]]).float())[0, 1]
-        return ~agree | (overlap <= 0.5) | (chain_confidence(probs[0]) < self.search_gate)
+        """(B,) the images worth the search (``chains_unsure`` of the first two chains,
+        from the digits read and from the box head's box, at ``search_gate``)."""
+        return chains_unsure(first["logits"].float().softmax(-1),
+                             second["logits"].float().softmax(-1), first["box"], second["box"],
+                             self.search_gate)
 
     def forward(self, images: torch.Tensor, search: bool | None = None
                 ) -> dict[str, torch.Tensor]:

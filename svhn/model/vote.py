@@ -8,8 +8,8 @@ import torch
 from svhn.data.labels import canonical_predictions
 from svhn.model.geometry import pairwise_iou
 
-__all__ = ["chain_confidence", "pick_chain", "vote", "vote_over_chains", "vote_probabilities",
-           "voted_chain"]
+__all__ = ["chain_confidence", "chains_unsure", "pick_chain", "vote", "vote_over_chains",
+           "vote_probabilities", "voted_chain"]
 
 
 def voted_chain(chains: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -65,3 +65,14 @@ def pick_chain(per_chain: torch.Tensor, winner: torch.Tensor) -> torch.Tensor:
     rows = torch.arange(len(winner), device=winner.device)
     return per_chain[rows, winner]
 
+
+
+def chains_unsure(first: torch.Tensor, second: torch.Tensor, first_box: torch.Tensor,
+                  second_box: torch.Tensor, gate: float) -> torch.Tensor:
+    """(B,) where an image is worth the zoom search, from its first two chains' (B, max_len,
+    11) probabilities and (B, 4) final boxes: they read different numbers (as the
+    submission writes them), or in different places (box IoU at most 0.5), or the first is
+    less confident than ``gate``. The reader's gate and the search bench's sweep."""
+    agree = (canonical_predictions(first) == canonical_predictions(second)).all(-1)
+    overlap = pairwise_iou(torch.stack([first_box, second_box]).float())[0, 1]
+    return ~agree | (overlap <= 0.5) | (chain_confidence(first.float()) < gate)

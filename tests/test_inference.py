@@ -415,3 +415,41 @@ def test_only_the_first_process_of_a_distributed_run_writes(monkeypatch):
     for rank, writes in ((0, True), (1, False), (2, False)):
         monkeypatch.setattr(predictor.dist, "get_rank", lambda rank=rank: rank)
         assert predictor.is_global_zero() is writes
+
+
+def _rows_batch(start: int, size: int, searched: bool = True) -> dict:
+    index = torch.arange(start, start + size, dtype=torch.float32)
+    batch = {"file_name": [f"{i:06d}.png" for i in range(start, start + size)],
+             "probs": index.view(-1, 1, 1).expand(-1, 5, 11).clone(),
+             "box": index.view(-1, 1).expand(-1, 4).clone(),
+             "target": torch.arange(start, start + size).view(-1, 1).expand(-1, 5).clone()}
+    if searched:
+        batch["searched"] = torch.ones(size, dtype=torch.bool)
+    return batch
+
+
+def test_prediction_rows_keep_every_row_in_order_past_their_first_buffers():
+    rows = predictor.PredictionRows()
+    sizes = [700, 700, 1, 1500]  # past the first 1,024 rows, and past the first doubling
+    starts = [0, 700, 1400, 1401]
+    for start, size in zip(starts, sizes):
+        rows.add(_rows_batch(start, size))
+    out = rows.predictions()
+    count = sum(sizes)
+    assert out.file_names == [f"{i:06d}.png" for i in range(count)]
+    assert torch.equal(out.probs[:, 0, 0], torch.arange(count, dtype=torch.float32))
+    assert torch.equal(out.targets[:, 4], torch.arange(count))
+    assert torch.equal(out.boxes[:, 3], torch.arange(count, dtype=torch.float32))
+    assert out.searched.all() and len(out.searched) == count
+    assert out.chain_probs is None and out.chain_boxes is None
+    # Copies of the rows alone: the buffers' spare rows are not kept alive by the result.
+    assert out.probs.untyped_storage().nbytes() == count * 5 * 11 * 4
+
+
+def test_prediction_rows_drop_a_key_some_batch_lacks():
+    rows = predictor.PredictionRows()
+    rows.add(_rows_batch(0, 4))
+    rows.add(_rows_batch(4, 4, searched=False))
+    rows.add(_rows_batch(8, 4))
+    out = rows.predictions()
+    assert out.searched is None and len(out.probs) == 12

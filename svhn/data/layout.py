@@ -4,6 +4,7 @@ say what is missing and how to fix it.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,11 +119,18 @@ def split_images(data_dir: str | Path, split: str) -> list[Path]:
     image_dir, _ = split_paths(data_dir, split)
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: image folder for split {split!r} not found. {_DATA_HELP}")
-    named = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    # Names sorted as strings and kinds read from the directory itself (no stat per file):
+    # Path objects and their stats cost seconds for the competition's 40,000 test images.
+    with os.scandir(image_dir) as entries:
+        named = sorted((e for e in entries if os.path.splitext(e.name)[1].lower()
+                        in IMAGE_SUFFIXES), key=lambda e: e.name)
     # A folder, or macOS's "._x.png" metadata beside x.png, is named like an image but is none.
-    paths = [p for p in named if p.is_file() and not p.name.startswith("._")]
-    if len(paths) < len(named):
-        skipped = sorted(p.name + ("/" if p.is_dir() else "") for p in set(named) - set(paths))
+    kept = [e for e in named if e.is_file() and not e.name.startswith("._")]
+    paths = [image_dir / e.name for e in kept]
+    if len(kept) < len(named):
+        images = {e.name for e in kept}
+        skipped = sorted(e.name + ("/" if e.is_dir() else "") for e in named
+                         if e.name not in images)
         warnings.warn(f"{image_dir}: {len(skipped)} entries named like images are not images "
                       f"and are skipped (first: {', '.join(skipped[:5])}).", stacklevel=2)
     if not paths:

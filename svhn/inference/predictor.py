@@ -29,14 +29,14 @@ from svhn.inference.checkpoints import (
     read_checkpoint,
 )
 from svhn.inference.ensemble import combination_notice, combine, shared_max_len
-from svhn.inference.predictions import Predictions, cat_or_none, merge_sorted
+from svhn.inference.predictions import Predictions, merge_sorted
 from svhn.inference.provenance import data_notice, fold_notice
 from svhn.inference.views import PLAIN_VIEWS, VIEWS, check_views
 from svhn.model.reader import DigitReader
 from svhn.model.vote import vote_over_chains
 
 __all__ = ["build_trainer", "evaluation_datamodule", "is_global_zero", "PRECISIONS",
-           "predict_split", "predict_with_reader", "ReaderPredictor"]
+           "predict_split", "predict_with_reader", "PredictionRows", "ReaderPredictor"]
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # Lightning's names; 16-mixed: GPUs
 
@@ -49,6 +49,14 @@ class ReaderPredictor(L.LightningModule):
         super().__init__()
         self.reader = reader
         self.views = check_views(views)
+        self.rows = PredictionRows()
+
+    def on_predict_start(self) -> None:
+        self.rows = PredictionRows()
+
+    def on_predict_batch_end(self, outputs: dict, batch: dict, batch_idx: int,
+                             dataloader_idx: int = 0) -> None:
+        self.rows.add(outputs)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         images = self.reader.normalize(batch["image"])  # the views work on float images
@@ -72,17 +80,49 @@ class ReaderPredictor(L.LightningModule):
         return result
 
 
-def _from_batches(batches: Sequence[dict]) -> Predictions:
-    names = [name for batch in batches for name in batch["file_name"]]
-    probs = torch.cat([b["probs"].cpu() for b in batches]) if batches else torch.empty(0)
-    targets = torch.cat([b["target"].cpu() for b in batches]) if batches else None
+class PredictionRows:
+    """A prediction loop's rows, kept on the CPU in a few buffers that double as they fill.
+    Keeping each batch's small output tensors instead (what ``return_predictions`` does)
+    grows the process's heap by about 12 KB per image with glibc's allocator (each long-lived
+    small block pins the heap above the large short-lived ones freed around it), and slows
+    long predictions: docs/performance.md."""
 
-    def joined(key: str) -> torch.Tensor | None:  # on the CPU, as probs and targets
-        return cat_or_none([b[key].cpu() if key in b else None for b in batches])
+    def __init__(self) -> None:
+        self.file_names: list[str] = []
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.absent: set[str] = set()  # keys some batch lacked: none kept
 
-    return Predictions(file_names=names, probs=probs, boxes=joined("box"), targets=targets,
-                       chain_probs=joined("chain_probs"), chain_boxes=joined("chain_boxes"),
-                       searched=joined("searched"))
+    def add(self, result: dict) -> None:
+        count, rows = len(self.file_names), len(result["file_name"])
+        self.absent |= {key for key in self.buffers if key not in result}
+        for key, value in result.items():
+            if key == "file_name" or key in self.absent:
+                continue
+            if count and key not in self.buffers:  # a key the first batches lacked
+                self.absent.add(key)
+                continue
+            value = value.detach().cpu()
+            buffer = self.buffers.get(key)
+            if buffer is None or len(buffer) < count + rows:
+                grown = value.new_empty((max(2 * (count + rows), 1024), *value.shape[1:]))
+                if buffer is not None:
+                    grown[:count] = buffer[:count]
+                buffer = self.buffers[key] = grown
+            buffer[count:count + rows] = value
+        self.file_names.extend(result["file_name"])
+
+    def predictions(self) -> Predictions:
+        count = len(self.file_names)
+
+        def kept(key: str) -> torch.Tensor | None:  # a copy: the rest of the buffer goes
+            value = self.buffers.get(key) if key not in self.absent else None
+            return None if value is None else value[:count].clone()
+
+        probs = kept("probs")
+        return Predictions(file_names=list(self.file_names),
+                           probs=torch.empty(0) if probs is None else probs, boxes=kept("box"),
+                           targets=kept("target"), chain_probs=kept("chain_probs"),
+                           chain_boxes=kept("chain_boxes"), searched=kept("searched"))
 
 
 def _gather_ranks(part: Predictions) -> list[Predictions]:
@@ -135,9 +175,9 @@ def predict_with_reader(reader: DigitReader, datamodule: SVHNDataModule, trainer
     """One reader over the data module's predict split, complete and sorted on every rank;
     ``subset``: the trainer limits the batches on purpose (the benchmark), so the rows are
     returned as they came, unchecked."""
-    batches = trainer.predict(ReaderPredictor(reader, views), datamodule=datamodule,
-                              return_predictions=True)
-    part = _from_batches(batches or [])
+    module = ReaderPredictor(reader, views)
+    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    part = module.rows.predictions()
     if subset:
         return part
     return merge_sorted(_gather_ranks(part), datamodule.predict_set.names)

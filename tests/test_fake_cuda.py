@@ -44,7 +44,12 @@ READER = {"backbone": "resnet10t", "image_size": (32, 64), "max_len": 3, "box_he
 
 
 @pytest.fixture
-def fake_cuda():
+def fake_cuda(monkeypatch):
+    # FakeTensorMode asks torch.cuda.is_available() on every operation; with Lightning
+    # imported that probes NVML and then the CUDA runtime each time, which on a machine
+    # without a GPU driver corrupted the heap now and then (a segfault, or "free(): invalid
+    # pointer", in a later test). The answer is known: no device here.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # Real CPU constants (module-level tensors) may enter: they become fake CPU tensors,
     # so using one on the device without moving it still fails.
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:

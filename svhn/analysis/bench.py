@@ -338,6 +338,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def accelerator_for(device: torch.device) -> str:
+    """Lightning's name for the accelerator of ``device``."""
+    return "gpu" if device.type == "cuda" else "cpu"
+
+
 def build_model(backbone: str, cfg: BenchConfig, device: torch.device) -> DigitReader:
     """A fresh reader on the device with the run's channels-last and compile settings."""
     reader = DigitReader(backbone=backbone, channels_last=cfg.channels_last)
@@ -427,7 +432,7 @@ def measure_end_to_end_turns(backbone: str, cfg: BenchConfig,
         for name, datamodule in datamodules.items():
             timer = EpochTimer(device)
             trainer = L.Trainer(
-                accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                accelerator=accelerator_for(device), devices=1,
                 precision=cfg.precision, max_epochs=1, limit_train_batches=cfg.max_batches,
                 limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
                 logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -468,7 +473,7 @@ def measure_our_predict(reader: DigitReader, datamodule: SVHNDataModule, cfg: Be
     """``svhn.inference.predictor``'s path, one warm-up pass then ``repeats`` timed passes."""
     timer = EpochTimer(device)
     trainer = predictor.build_trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", precision=cfg.precision,
+        accelerator=accelerator_for(device), precision=cfg.precision,
         callbacks=[timer], progress_bar=False, limit_batches=cfg.max_batches)
     for _ in range(cfg.repeats + 1):
         predictor.predict_with_reader(reader, datamodule, trainer, subset=True)
@@ -791,7 +796,7 @@ def _search_report(cfg: BenchConfig, output: dict) -> tuple[dict, str]:
     device = resolve_device(cfg.device)
     reports = [measure_search(path, cfg.data_dir, cfg.split, gate=output["gate"],
                               batch_size=cfg.batch_size, num_workers=cfg.workers,
-                              accelerator="gpu" if device.type == "cuda" else "cpu")
+                              accelerator=accelerator_for(device))
                for path in output["search"]]
     report = {"environment": describe_environment(cfg, device, Path(cfg.data_dir), False),
               "search": reports}

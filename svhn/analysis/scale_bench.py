@@ -143,8 +143,9 @@ def measure_one(layout: Path, backbone: str, image_size: tuple[int, int], batch_
         start = time.perf_counter()
         data.prepare_data()
         cache_seconds = time.perf_counter() - start
-        cached = sum(len(list((layout / f).iterdir()))
-                     for f in ("mchar_train", "mchar_val", "mchar_test_a"))
+        images = {folder: len(os.listdir(layout / folder))
+                  for folder in ("mchar_train", "mchar_val", "mchar_test_a")}
+        cached = sum(images.values())
         model = DigitSequenceModel(backbone=backbone)
         timer = EpochTimer(torch.device(device))
         trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision,
@@ -162,7 +163,7 @@ def measure_one(layout: Path, backbone: str, image_size: tuple[int, int], batch_
                                                          callbacks=[predict_timer],
                                                          progress_bar=False))
     return {
-        "train_images": len(list((layout / "mchar_train").iterdir())),
+        "train_images": images["mchar_train"],
         "test_images": len(predictions), "cached_images": cached,
         "cache_seconds": cache_seconds, "cache_ms_per_image": 1000 * cache_seconds / cached,
         "epoch_ms_per_image": 1000 / timer.rates[0],
@@ -177,6 +178,7 @@ def measure_scale(cfg, train_sizes: Sequence[int], test_size: int) -> dict:
     """Every size in its own process; ``cfg`` is the bench's ``BenchConfig``."""
     from svhn.analysis.bench import (
         SYNTHETIC_VAL,
+        accelerator_for,
         describe_environment,
         prepare_synthetic,
         resolve_device,
@@ -198,7 +200,7 @@ def measure_scale(cfg, train_sizes: Sequence[int], test_size: int) -> dict:
                    "--backbone", backbone, "--image_size", *map(str, cfg.image_size),
                    "--batch_size", str(cfg.batch_size), "--num_workers", str(cfg.workers),
                    "--precision", cfg.precision,
-                   "--accelerator", "gpu" if device.type == "cuda" else "cpu"]
+                   "--accelerator", accelerator_for(device)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             raise SettingError(f"the scale run of {layout} failed:\n{done.stderr[-2000:]}")

@@ -12,7 +12,7 @@ from svhn.inference.checkpoints import (
     CheckpointContents,
     CheckpointError,
 )
-from svhn.inference.predictions import Predictions, cat_or_none
+from svhn.inference.predictions import Predictions, any_searched, cat_or_none
 from svhn.model.vote import vote_over_chains
 
 __all__ = ["combination_notice", "combine", "shared_max_len"]
@@ -30,12 +30,10 @@ def combine(members: Sequence[Predictions]) -> Predictions:
     chain_boxes = cat_or_none([m.chain_boxes for m in members], dim=1)
     if chain_probs is not None and chain_boxes is not None:
         probs, boxes = vote_over_chains(chain_probs, chain_boxes)
-        searched = [m.searched for m in members]
         return Predictions(file_names=first.file_names, probs=probs, boxes=boxes,
                            targets=first.targets, chain_probs=chain_probs,
                            chain_boxes=chain_boxes,
-                           searched=None if any(s is None for s in searched)
-                           else torch.stack(searched).any(0))
+                           searched=any_searched([m.searched for m in members]))
     probs = torch.stack([m.probs for m in members]).mean(dim=0)
     boxes = None
     if all(m.boxes is not None for m in members):

@@ -13,7 +13,7 @@ from svhn.data.layout import SPLITS
 from svhn.errors import SettingError
 from svhn.inference.views import PLAIN_VIEWS
 
-__all__ = ["cat_or_none", "merge_sorted", "Predictions"]
+__all__ = ["any_searched", "cat_or_none", "merge_sorted", "Predictions"]
 
 
 # -- what comes out ---------------------------------------------------------------------------
@@ -57,6 +57,14 @@ def cat_or_none(tensors: Sequence[torch.Tensor | None], dim: int = 0) -> torch.T
     if not tensors or any(t is None for t in tensors):
         return None
     return torch.cat(tensors, dim=dim)  # type: ignore[arg-type]
+
+
+def any_searched(flags: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """Where any of several readings (views, ensemble members) ran the gated search: (N,)
+    bool, or None when one of them does not say."""
+    if not flags or any(flag is None for flag in flags):
+        return None
+    return torch.stack(flags).any(0)  # type: ignore[arg-type]
 
 
 def merge_sorted(parts: Sequence[Predictions], expected: Sequence[str]) -> Predictions:

@@ -29,7 +29,7 @@ from svhn.inference.checkpoints import (
     read_checkpoint,
 )
 from svhn.inference.ensemble import combination_notice, combine, shared_max_len
-from svhn.inference.predictions import Predictions, merge_sorted
+from svhn.inference.predictions import Predictions, any_searched, merge_sorted
 from svhn.inference.provenance import data_notice, fold_notice
 from svhn.inference.views import PLAIN_VIEWS, VIEWS, check_views
 from svhn.model.reader import DigitReader
@@ -70,8 +70,9 @@ class ReaderPredictor(L.LightningModule):
                                                for name, o in zip(self.views, outputs)], dim=1)
             result["probs"], result["box"] = vote_over_chains(result["chain_probs"],
                                                               result["chain_boxes"])
-            if all("searched" in o for o in outputs):  # in any view: where it was unsure
-                result["searched"] = torch.stack([o["searched"] for o in outputs]).any(0)
+            searched = any_searched([o.get("searched") for o in outputs])
+            if searched is not None:
+                result["searched"] = searched
             return result
         result["probs"] = torch.stack([o["logits"].float().softmax(-1)
                                        for o in outputs]).mean(dim=0)

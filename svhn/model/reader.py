@@ -289,10 +289,13 @@ class DigitReader(nn.Module):
         (``voted_chain``) over all 29 only on the images ``unsure`` picks (every image when
         ``search_gate`` is 1: the full search). ``searched`` (B,) says which."""
         second = self.zoom_chain(images, out["box"].float())  # from the box head's box
-        rows = None
-        if self.search_gate < 1:
-            # The one host sync of the search: how many images to search decides the work.
-            rows = self.unsure(first, second).nonzero().squeeze(1)
+        if self.search_gate >= 1:  # the full search: no gate, no host sync
+            result = voted_chain([first, second] + self.window_chains(images))
+            result["searched"] = torch.ones(len(images), dtype=torch.bool,
+                                            device=images.device)
+            return result
+        # The one host sync of the search: how many images to search decides the work.
+        rows = self.unsure(first, second).nonzero().squeeze(1)
         result = {key: value for key, value in voted_chain([first, second]).items()
                   if key in first}
         # An image not searched: its two chains, then its answer in the windows' places
@@ -302,18 +305,19 @@ class DigitReader(nn.Module):
         result["chain_logits"] = torch.stack(
             [chain["logits"].to(result["logits"].dtype) for chain in fill], 1)
         result["chain_boxes"] = torch.stack([chain["box"].float() for chain in fill], 1)
-        if rows is None or len(rows):  # (its length is known here: nonzero synced already)
-            subset = images if rows is None else images[rows]
-            windows = self.search_starts.to(images.device)[:, None].expand(-1, len(subset), 4)
-            chains = [_take(first, rows), _take(second, rows)] + [
-                self.zoom_chain(subset, window) for window in windows]
-            voted = voted_chain(chains)
-            result = {key: _put(value, rows, voted[key]) for key, value in result.items()}
-        searched = torch.ones(len(images), dtype=torch.bool, device=images.device)
-        if rows is not None:
-            searched = torch.zeros_like(searched).index_fill(0, rows, True)
-        result["searched"] = searched
+        if len(rows):  # (its length is known here: nonzero synced already)
+            chains = [_take(first, rows), _take(second, rows)]
+            voted = voted_chain(chains + self.window_chains(images[rows]))
+            result = {key: value.index_put((rows,), voted[key].to(value.dtype))
+                      for key, value in result.items()}
+        result["searched"] = torch.zeros(len(images), dtype=torch.bool,
+                                         device=images.device).index_fill(0, rows, True)
         return result
+
+    def window_chains(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """A zoom chain from each of ``search_starts`` (the buffer of ``search_windows()``)."""
+        return [self.zoom_chain(images, window.expand(len(images), 4))
+                for window in self.search_starts]
 
     def unsure(self, first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
                ) -> torch.Tensor:
@@ -348,13 +352,6 @@ class DigitReader(nn.Module):
         return result
 
 
-def _put(into: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
-    """``into`` with ``values`` at ``rows`` (all of it when rows is None)."""
-    if rows is None:
-        return values
-    return into.index_put((rows,), values.to(into.dtype))
-
-
 def _detection_levels(model: nn.Module, name: str) -> tuple[list[int], list[int]]:
     """The indices and channels of a timm model's feature maps at stride 8 and coarser."""
     info = getattr(model, "feature_info", None)
@@ -369,12 +366,8 @@ def _detection_levels(model: nn.Module, name: str) -> tuple[list[int], list[int]
     return levels, [info[i]["num_chs"] for i in levels]
 
 
-def _rows(value: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    return value if rows is None else value[rows]
-
-
-def _take(chain: dict[str, torch.Tensor], rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    return {key: _rows(value, rows) for key, value in chain.items()}
+def _take(chain: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {key: value[rows] for key, value in chain.items()}
 
 
 def search_windows() -> torch.Tensor:

@@ -10,10 +10,8 @@ tensors raises ``FakeTensorDeviceMismatchError``; a value the host must read bac
 (``.item()``, ``if tensor.any():``) raises ``DataDependentOutputException``: on a GPU each is
 a wait for the device. What stays synchronous on purpose is in docs/performance.md.
 
-Why the models are not built inside the fake mode: building torchmetrics' metrics there
-(their states deep-copied as fake tensors) corrupted the heap of this process now and then
-on a machine without a GPU driver (a segfault or "corrupted double-linked list" in a later
-test or at exit: 3 of 3 runs under gdb; built real and moved, 8 of 8 clean).
+The models are not built inside the fake mode: torchmetrics' metrics built there corrupted
+this process's heap (docs/performance.md has the measurements).
 
 Left out, and said here: the autograd engine needs a real CUDA context for ``backward()``
 (the training step is checked up to its loss); a CUDA ``torch.Generator`` needs a real
@@ -55,9 +53,9 @@ READER = {"backbone": "resnet10t", "image_size": (32, 64), "max_len": 3, "box_he
 @pytest.fixture
 def fake_cuda(monkeypatch):
     # FakeTensorMode asks torch.cuda.is_available() on every operation; with Lightning
-    # imported that probes NVML and then the CUDA runtime each time, which on a machine
-    # without a GPU driver corrupted the heap now and then (a segfault, or "free(): invalid
-    # pointer", in a later test). The answer is known: no device here.
+    # imported that probes NVML and the CUDA runtime each time. The answer is known: no
+    # device here. (The heap fault once blamed on it came from building metrics inside the
+    # fake mode: see _moved_to_cuda.)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # Real CPU constants (module-level tensors) may enter: they become fake CPU tensors,
     # so using one on the device without moving it still fails.

@@ -77,6 +77,8 @@ class CheckpointContents:
     # What the fit read (SVHNDataModule.training_data: data_dir, synthetic, ...); empty in
     # checkpoints written before it was recorded.
     trained_on: dict[str, Any] = field(default_factory=dict)
+    # The epochs a time budget (svhn.train.time_budget) shortened the run's schedule to.
+    budget_epochs: int | None = None
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -109,7 +111,16 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
         training_state=all(key in raw for key in ("optimizer_states", "loops")),
         lr_schedulers=list(raw.get("lr_schedulers") or []),
         trained_on=_recorded_training_data(raw),
+        budget_epochs=_budget_epochs(raw),
     )
+
+
+def _budget_epochs(raw: dict[str, Any]) -> int | None:
+    """The planned epochs ``TimeBudget`` saved in the checkpoint's callback states."""
+    callbacks = raw.get("callbacks")
+    state = callbacks.get("TimeBudget") if isinstance(callbacks, dict) else None
+    planned = state.get("planned_epochs") if isinstance(state, dict) else None
+    return int(planned) if isinstance(planned, int) else None
 
 
 def _recorded_training_data(raw: dict[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from svhn.train.resume import (
 )
 from svhn.train.run_dir import RunDir
 from svhn.train.run_summary import final_checkpoint, not_held_out_message, val_is_held_out
+from svhn.train.time_budget import TimeBudget
 
 __all__ = ["build_cli", "final_summary", "main", "SaveConfigOnce", "SVHNCLI"]
 
@@ -84,6 +85,8 @@ class SVHNCLI(LightningCLI):
             "last_checkpoint.enable_version_counter": False,
         })
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        # --time_budget.minutes M: the schedule and the run end within M minutes of training.
+        parser.add_lightning_class_args(TimeBudget, "time_budget")
         parser.link_arguments("data.max_len", "model.max_len")
         parser.link_arguments("data.image_size", "model.image_size")
         # Boxes move with the image under augmentation only where a head learns from them.
@@ -125,7 +128,7 @@ class SVHNCLI(LightningCLI):
         steps = saved_schedule_steps(checkpoint)
         if steps is not None:
             self.resume_check = ResumeScheduleCheck(
-                path, checkpoint.model["scheduler"], steps)
+                path, checkpoint.model["scheduler"], steps, checkpoint.budget_epochs)
         if resuming:
             print(resuming, flush=True)
 

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from svhn.errors import SvhnError
 from svhn.inference.checkpoints import CheckpointContents, CheckpointError, read_checkpoint
 from svhn.train.run_dir import RunDir
+from svhn.train.time_budget import TimeBudget
 
 __all__ = ["check_resume_settings", "checkpoint_to_resume", "find_last_checkpoint",
            "LIGHTNING_CKPT_KEYWORDS", "RESUME_FIXED_MODEL_SETTINGS", "ResumeError",
@@ -38,14 +39,21 @@ class ResumeScheduleCheck(Callback):
     for fewer never finishes its schedule.
     """
 
-    def __init__(self, checkpoint: Path, scheduler: str, saved_steps: int):
+    def __init__(self, checkpoint: Path, scheduler: str, saved_steps: int,
+                 budget_epochs: int | None = None):
         self.checkpoint, self.scheduler, self.saved_steps = checkpoint, scheduler, saved_steps
+        self.budget_epochs = budget_epochs  # the epochs a time budget shortened it to
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
         needed = trainer.estimated_stepping_batches
         if needed == self.saved_steps:
+            return
+        # Shortened by the run's time budget, which this run continues: the same steps per
+        # epoch (the same data, batch size and devices) are what must not change.
+        if (self.budget_epochs is not None and _has_time_budget(trainer)
+                and round(needed / trainer.max_epochs * self.budget_epochs) == self.saved_steps):
             return
         _remove_if_empty(trainer.log_dir)  # the logger may have made this run's folder
         planned = _planned_max_epochs(self.checkpoint)
@@ -54,8 +62,8 @@ class ResumeScheduleCheck(Callback):
             f"{self.checkpoint}: its {self.scheduler} schedule is sized for {self.saved_steps} "
             f"optimiser steps{was}, but this run would take {needed:g} (max_epochs "
             f"{trainer.max_epochs}). A resume continues the checkpoint's schedule: keep "
-            "max_epochs, batch size, devices and training data as they were (the run's "
-            "config.yaml), or start a new run from its weights with --model.init_from "
+            "max_epochs, time_budget, batch size, devices and training data as they were "
+            "(the run's config.yaml), or start a new run from its weights with --model.init_from "
             "CKPT instead of --ckpt_path."
         )
 
@@ -121,6 +129,10 @@ def check_resume_settings(path: Path, checkpoint: CheckpointContents, model: dic
             "settings (its config.yaml), or start a new run from its weights with "
             "--model.init_from CKPT instead of --ckpt_path."
         )
+
+
+def _has_time_budget(trainer) -> bool:
+    return any(isinstance(c, TimeBudget) and c.minutes is not None for c in trainer.callbacks)
 
 
 def saved_schedule_steps(checkpoint: CheckpointContents) -> int | None:

@@ -1,0 +1,120 @@
+"""A learning-rate schedule that ends inside a time budget (``--time_budget.minutes M``).
+
+A one-cycle or cosine schedule is sized for ``max_epochs``. On a slower machine (or a busy
+one) those epochs take longer, and ``trainer.max_time`` then stops the run with the
+learning rate still high: the last, most useful part of the schedule, its anneal, is never
+run. ``TimeBudget`` re-plans after every epoch instead: the run gets the epochs that fit in
+the time left at the mean epoch time so far (at most ``max_epochs``), the schedule is
+re-sized to end with them, and the run stops there, after that epoch's validation and
+checkpoints. On a machine fast enough for ``max_epochs`` nothing changes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR
+
+from svhn.errors import SettingError
+
+__all__ = ["TimeBudget", "resize_schedule"]
+
+
+def _now() -> float:
+    """The clock (a function, so tests can run it faster than real time)."""
+    return time.monotonic()
+
+
+def resize_schedule(scheduler: Any, total_steps: int) -> bool:
+    """Re-size a one-cycle or cosine schedule, in place, to end after ``total_steps``
+    optimiser steps, continuing from the step it is at; False for any other schedule.
+
+    One-cycle keeps its phases' end steps (``pct_start * total - 1``, ..., ``total - 1``);
+    they are recomputed from the same ``pct_start``, so from here on it gives the rates and
+    momenta of a one-cycle built for ``total_steps`` (tests/test_time_budget.py checks it
+    against a fresh one), the next step's rate included. Cosine's rate is recursive: from
+    the step after next it bends from its current value to reach ``eta_min`` at the new end.
+    """
+    if isinstance(scheduler, OneCycleLR):
+        old, phases = scheduler.total_steps, scheduler._schedule_phases
+        pct_start = (phases[0]["end_step"] + 1) / old
+        phases[0]["end_step"] = pct_start * total_steps - 1
+        if len(phases) == 3:  # three_phase=True
+            phases[1]["end_step"] = 2 * pct_start * total_steps - 2
+        phases[-1]["end_step"] = total_steps - 1
+        scheduler.total_steps = total_steps
+        scheduler.last_epoch -= 1  # the rate for the next step: the new cycle's, at once
+        scheduler.step()
+        return True
+    if isinstance(scheduler, CosineAnnealingLR):
+        scheduler.T_max = total_steps
+        return True
+    return False
+
+
+class TimeBudget(Callback):
+    """Fits the run's schedule, and its last epoch, into ``minutes`` of training.
+
+    ``minutes`` None (the default) does nothing. Time counts from the start of training
+    (after the data is set up), and a resumed run continues the count its checkpoint saved.
+    The plan may grow back (never past ``max_epochs``) if epochs get faster.
+    ``trainer.max_time`` is still the hard stop; set it a little above the budget.
+    """
+
+    def __init__(self, minutes: float | None = None) -> None:
+        if minutes is not None and not minutes > 0:
+            raise SettingError(f"time_budget.minutes {minutes}: must be above 0 (or null: no "
+                               "budget).")
+        self.minutes = minutes
+        self.planned_epochs: int | None = None
+        self.elapsed_before = 0.0  # training seconds of the run before this process resumed it
+        self._started: float | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "TimeBudget"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"planned_epochs": self.planned_epochs, "elapsed_s": self._elapsed()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.planned_epochs = state_dict.get("planned_epochs")
+        self.elapsed_before = float(state_dict.get("elapsed_s") or 0.0)
+
+    def _elapsed(self) -> float:
+        running = _now() - self._started if self._started is not None else 0.0
+        return self.elapsed_before + running
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.minutes is not None:
+            self._started = _now()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.minutes is None or self._started is None:
+            return
+        done = trainer.current_epoch + 1  # the epoch that just ended, validation included
+        elapsed = self._elapsed()
+        per_epoch = elapsed / done
+        fit = max(0, math.floor((self.minutes * 60 - elapsed) / per_epoch))
+        most = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
+        planned = int(max(done, min(most, done + fit)))
+        # Every process must stop at the same epoch: rank 0's clock decides.
+        planned = int(trainer.strategy.broadcast(planned, src=0))
+        if planned != (self.planned_epochs or most):
+            self._replan(trainer, planned, done, per_epoch)
+        self.planned_epochs = planned
+        if done >= planned:
+            trainer.should_stop = True
+
+    def _replan(self, trainer, planned: int, done: int, per_epoch: float) -> None:
+        total = max(1, round(planned * trainer.global_step / done))  # optimiser steps
+        resized = [resize_schedule(config.scheduler, total)
+                   for config in trainer.lr_scheduler_configs if config.interval == "step"]
+        what = "the schedule now ends there" if any(resized) else "no schedule to re-size"
+        rank_zero_info(f"time budget {self.minutes:g} min: {planned} epochs fit at "
+                       f"{per_epoch:.0f} s per epoch (max_epochs {trainer.max_epochs}); "
+                       f"{what}.")

@@ -1,0 +1,145 @@
+"""The time budget (svhn.train.time_budget): a schedule re-sized to end with the epochs that
+fit, the run stopped there, and a resume that continues the shortened plan."""
+
+import math
+
+import pytest
+import torch
+from helpers.clock import EpochClock
+from helpers.runs import learning_rates, short_fit_args
+
+from svhn.errors import SettingError
+from svhn.train import time_budget
+from svhn.train.resume import ResumeError
+from svhn.train.time_budget import TimeBudget, resize_schedule
+
+CLOCK = ("--trainer.callbacks+=helpers.clock.EpochClock",)
+
+
+@pytest.fixture
+def epoch_clock(monkeypatch):
+    """Training time as the budget sees it: 10 s per epoch."""
+    EpochClock.now = 0.0
+    monkeypatch.setattr(time_budget, "_now", lambda: EpochClock.now)
+
+
+def _one_cycle(total_steps: int, **kwargs) -> torch.optim.lr_scheduler.OneCycleLR:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=total_steps,
+                                               pct_start=0.2, **kwargs)
+
+
+def _rates(scheduler, steps: int) -> list[float]:
+    """The rate and the momentum (beta1) after each of ``steps`` steps, in turn."""
+    group = scheduler.optimizer.param_groups[0]
+    seen = []
+    for _ in range(steps):
+        scheduler.optimizer.step()
+        scheduler.step()
+        seen += [group["lr"], group["betas"][0]]
+    return seen
+
+
+@pytest.mark.parametrize("three_phase", [False, True])
+def test_a_resized_one_cycle_continues_as_one_built_for_the_new_length(three_phase):
+    resized, fresh = _one_cycle(100, three_phase=three_phase), _one_cycle(
+        60, three_phase=three_phase)
+    _rates(resized, 10)  # still warming up: from here on it must match the 60-step cycle
+    _rates(fresh, 10)
+    assert resize_schedule(resized, 60)
+    assert _rates(resized, 49) == pytest.approx(_rates(fresh, 49), rel=1e-9)
+    assert resized.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / 25 / 1e4)
+    _rates(resized, 1)  # the 60th step (after the last one trained with)
+    with pytest.raises(ValueError, match="Tried to step"):
+        _rates(resized, 1)  # its end is the new one
+
+
+def test_a_resized_cosine_reaches_its_floor_at_the_new_end():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 100, eta_min=0.001)
+    _rates_sgd = [optimizer.param_groups[0]["lr"]]
+    for step in range(40):
+        optimizer.step()
+        cosine.step()
+        if step == 9:
+            assert resize_schedule(cosine, 40)
+        _rates_sgd.append(optimizer.param_groups[0]["lr"])
+    assert _rates_sgd[-1] == pytest.approx(0.001)
+    assert all(a >= b for a, b in zip(_rates_sgd, _rates_sgd[1:]))  # still falling, no jump
+    assert not resize_schedule(torch.optim.lr_scheduler.StepLR(optimizer, 5), 10)
+
+
+def test_a_budget_must_be_positive():
+    with pytest.raises(SettingError, match="time_budget.minutes"):
+        TimeBudget(minutes=0)
+
+
+def _budget_args(*extra: str) -> tuple[str, ...]:
+    # 8 epochs of 3 steps planned; at 10 s per epoch, 35 s hold 3 of them.
+    return short_fit_args("--model.optimizer", "adamw", "--model.scheduler", "onecycle",
+                          "--model.lr", "0.01", "--trainer.max_epochs", "8",
+                          "--time_budget.minutes", str(35 / 60), *CLOCK, *extra)
+
+
+def _one_cycle_rates(total_steps: int) -> list[float]:
+    scheduler = _one_cycle(total_steps)
+    first = [scheduler.optimizer.param_groups[0]["lr"]]
+    return first + _rates(scheduler, total_steps - 1)[::2]
+
+
+SHORTENED = _one_cycle_rates(24)[:3] + _one_cycle_rates(9)[3:]
+
+
+def test_the_budget_ends_the_schedule_and_the_run_with_the_epochs_that_fit(
+        easy_data_dir, easy_fit, epoch_clock, tmp_path, caplog):
+    run = easy_fit(easy_data_dir, tmp_path / "cache", tmp_path / "runs", *_budget_args())
+    # 3 epochs; the first on the 8 epochs' one-cycle, then the plan known: the rest of a
+    # 9-step cycle, its anneal run to the end (not 3 of 8 epochs' cycle, cut off).
+    assert learning_rates(run.metrics, "lr-AdamW") == pytest.approx(SHORTENED, rel=1e-6)
+    assert torch.load(run.last, weights_only=True)["epoch"] == 2
+    assert "3 epochs fit at 10 s per epoch (max_epochs 8)" in caplog.text
+
+
+def test_without_a_budget_the_schedule_keeps_its_length(easy_data_dir, easy_fit, epoch_clock,
+                                                        tmp_path):
+    run = easy_fit(easy_data_dir, tmp_path / "cache", tmp_path / "runs",
+                   *_budget_args("--trainer.max_epochs", "3", "--time_budget.minutes",
+                                 "null"))
+    assert learning_rates(run.metrics, "lr-AdamW") == pytest.approx(_one_cycle_rates(9),
+                                                                    rel=1e-6)
+    longer = easy_fit(easy_data_dir, tmp_path / "cache", tmp_path / "runs_long",
+                      *_budget_args("--trainer.max_epochs", "4", "--time_budget.minutes",
+                                    "10"))  # the budget holds them all: nothing changes
+    assert learning_rates(longer.metrics, "lr-AdamW") == pytest.approx(_one_cycle_rates(12),
+                                                                       rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # EarlyStopping
+def test_a_run_shortened_by_its_budget_resumes_to_the_same_end(easy_data_dir, easy_fit,
+                                                               epoch_clock, tmp_path):
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    stop = tmp_path / "stop_after_first_epoch.yaml"
+    stop.write_text("trainer:\n  callbacks:\n"
+                    "    - class_path: lightning.pytorch.callbacks.EarlyStopping\n"
+                    "      init_args: {monitor: val/seq_acc, mode: max, "
+                    "stopping_threshold: -1.0}\n"
+                    "    - class_path: helpers.clock.EpochClock\n")
+    first = easy_fit(easy_data_dir, cache, runs, "--config", str(stop),
+                     *_budget_args()[:-len(CLOCK)])
+    assert torch.load(first.last, weights_only=True)["epoch"] == 0
+    with pytest.raises(ResumeError, match="time_budget"):  # its schedule is 9 steps, not 24
+        easy_fit(easy_data_dir, cache, runs, *_budget_args("--time_budget.minutes", "null"),
+                 "--ckpt_path", str(first.last))
+    resumed = easy_fit(easy_data_dir, cache, runs, *_budget_args(),
+                       "--ckpt_path", str(first.last))
+    assert resumed.metrics.parent == first.metrics.parent
+    assert torch.load(resumed.last, weights_only=True)["epoch"] == 2
+    assert learning_rates(resumed.metrics, "lr-AdamW") == pytest.approx(SHORTENED, rel=1e-6)
+    assert not math.isnan(resumed.best_score)
+
+
+def test_a_budget_stops_a_run_without_an_end_or_a_schedule(easy_data_dir, easy_fit,
+                                                            epoch_clock, tmp_path):
+    run = easy_fit(easy_data_dir, tmp_path / "cache", tmp_path / "runs",
+                   *_budget_args("--trainer.max_epochs", "-1", "--model.scheduler", "none"))
+    assert torch.load(run.last, weights_only=True)["epoch"] == 2  # 3 epochs of 10 s in 35

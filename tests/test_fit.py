@@ -206,7 +206,7 @@ CONFIG_MEANS = {
                       "model.search_gate": 0.3, "model.feature_grid": [2, 4],
                       "model.zoom_steps": 3, "model.zoom_search": True,
                       "data.image_size": [64, 128], "data.augment": "zoom",
-                      "data.batch_size": 64},
+                      "data.batch_size": 64, "time_budget.minutes": 27.0},
     "default.yaml": {"model.backbone": "vgg", "model.zoom_steps": 2, "data.data_dir": None,
                      "data.augment": "zoom_plain", "data.synthetic_fallback": True},
 }
@@ -236,7 +236,8 @@ def test_zoom_overlay_composes_with_a_backbone_config(capsys):
     (["resnet18.yaml", "resnet50.yaml"], ["backbone: resnet50", "pretrained: true",
                                           "augment: strong", "precision: bf16-mixed"]),
     (["real_cpu.yaml", "gpu_full.yaml"], ["accelerator: gpu", "augment_on: device",
-                                          "max_epochs: 40", "backbone: resnet18d"]),
+                                          "max_epochs: 40", "backbone: resnet18d",
+                                          "time_budget:\n  minutes: null"]),
 ])
 def test_recipe_chains_of_overlays_compose(chain, expected, capsys):
     args = [a for name in chain for a in ("--config", str(REPO / "configs" / name))]

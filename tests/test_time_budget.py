@@ -57,15 +57,15 @@ def test_a_resized_one_cycle_continues_as_one_built_for_the_new_length(three_pha
 def test_a_resized_cosine_reaches_its_floor_at_the_new_end():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 100, eta_min=0.001)
-    _rates_sgd = [optimizer.param_groups[0]["lr"]]
+    rates = [optimizer.param_groups[0]["lr"]]
     for step in range(40):
         optimizer.step()
         cosine.step()
         if step == 9:
             assert resize_schedule(cosine, 40)
-        _rates_sgd.append(optimizer.param_groups[0]["lr"])
-    assert _rates_sgd[-1] == pytest.approx(0.001)
-    assert all(a >= b for a, b in zip(_rates_sgd, _rates_sgd[1:]))  # still falling, no jump
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates[-1] == pytest.approx(0.001)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))  # still falling, no jump
     assert not resize_schedule(torch.optim.lr_scheduler.StepLR(optimizer, 5), 10)
 
 

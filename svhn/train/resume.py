@@ -48,12 +48,11 @@ class ResumeScheduleCheck(Callback):
         if stage != "fit":
             return
         needed = trainer.estimated_stepping_batches
+        if self.budget_epochs is not None and _has_time_budget(trainer):
+            # Shortened by the run's time budget, which this run continues: the same steps
+            # per epoch (the same data, batch size and devices) are what must not change.
+            needed = round(needed / trainer.max_epochs * self.budget_epochs)
         if needed == self.saved_steps:
-            return
-        # Shortened by the run's time budget, which this run continues: the same steps per
-        # epoch (the same data, batch size and devices) are what must not change.
-        if (self.budget_epochs is not None and _has_time_budget(trainer)
-                and round(needed / trainer.max_epochs * self.budget_epochs) == self.saved_steps):
             return
         _remove_if_empty(trainer.log_dir)  # the logger may have made this run's folder
         planned = _planned_max_epochs(self.checkpoint)

@@ -100,7 +100,7 @@ class TimeBudget(Callback):
         elapsed = self._elapsed()
         per_epoch = elapsed / done
         fit = max(0, math.floor((self.minutes * 60 - elapsed) / per_epoch))
-        most = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
+        most = trainer.max_epochs if (trainer.max_epochs or -1) > 0 else math.inf  # -1: no end
         planned = int(max(done, min(most, done + fit)))
         # Every process must stop at the same epoch: rank 0's clock decides.
         planned = int(trainer.strategy.broadcast(planned, src=0))

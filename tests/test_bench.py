@@ -181,18 +181,26 @@ def test_synthetic_set_is_reused_when_it_matches(synthetic_dir: Path) -> None:
 # ------------------------------------------------------------------ --search and --scale
 
 
+@pytest.mark.parametrize("majority", [None, 0.5])
 def test_the_search_bench_times_both_searches_and_its_sweep_matches_the_gated_pass(
-        easy_zoom_run, tmp_path) -> None:
+        easy_zoom_run, tmp_path, majority) -> None:
     """The sweep's scores come from the full pass alone; the gated pass is a real second
-    run, so at the timed gate the two must agree, image for image counted."""
+    run, so at the timed gate the two must agree, image for image counted (with a
+    majority: the reader's two-step search against the sweep's replay of it)."""
     out = tmp_path / "search.json"
+    steps = [] if majority is None else ["--search_majority", str(majority)]
     code = bench.main(["--search", str(easy_zoom_run.best), "--data_dir",
                        str(easy_zoom_run.data_dir), "--split", "val", "--gate", "0.2",
                        "--batch_size", "16", "--num_workers", "0", "--device", "cpu",
-                       "--out", str(out)])
+                       "--out", str(out), *steps])
     assert code == 0
     report = json.loads(out.read_text())["search"][0]
     assert report["images"] == 81 and report["gate"] == 0.2
+    assert report["majority"] == majority
+    for row in report["sweep"]:
+        assert row["every_window_share"] <= row["searched_share"] + 1e-9
+        if majority is None:
+            assert row["every_window_share"] == row["searched_share"]
     assert report["full"]["images_per_s"] > 0 and report["gated"]["images_per_s"] > 0
     at_gate = next(row for row in report["sweep"] if row["gate"] == 0.2)
     assert at_gate["score"] == pytest.approx(report["gated"]["score"], abs=1e-6)

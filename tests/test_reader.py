@@ -120,8 +120,9 @@ def test_channels_last_reader_keeps_weights_channels_last():
     assert weight.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("head", ["positions", "detector"])
 def test_a_compiled_backbone_reads_like_the_eager_one_and_keeps_plain_weight_names(
-        monkeypatch):
+        monkeypatch, head):
     # A real torch.compile wrapper (dynamo), with the eager backend: inductor's C++ build
     # takes minutes on 2 cores. The wrapper is what refuses len() (and so "or").
     real_compile = torch.compile
@@ -134,7 +135,8 @@ def test_a_compiled_backbone_reads_like_the_eager_one_and_keeps_plain_weight_nam
 
     monkeypatch.setattr(torch, "compile", compile_eagerly)
     torch.manual_seed(0)
-    reader = DigitReader(backbone="resnet18", image_size=(32, 64)).eval()
+    reader = DigitReader(backbone="resnet18", image_size=(32, 64), head=head,
+                         char_boxes=head == "detector").eval()
     names = set(reader.state_dict())
     images = torch.randint(0, 255, (2, 3, 32, 64), dtype=torch.uint8)
     with torch.no_grad():
@@ -441,6 +443,81 @@ def test_gate_one_searches_every_image_and_gate_zero_only_where_chains_disagree(
     assert sizes == [2, 2] + ([2] * 27 if all(searched) else [])  # none: no window chain
     expected = [7, 7] if all(searched) else [4, 4]
     assert out["logits"].argmax(-1)[:, 0].tolist() == expected
+
+
+def _two_step_reader(majority: float | None) -> tuple[DigitReader, list[int]]:
+    """A searching reader (gate 0.9) whose chains are fake and read by image: image i is
+    the constant i. Its first two chains read image 0 as a sure "4", images 1 and 2 as an
+    unsure "4", all in one place. Window chains: image 1 reads "7" everywhere; image 2
+    reads "7", "3", "2" in turn across the 9 middle-size windows (no majority) and "3"
+    in the other 18. Returns the reader and the batch size each chain was called with."""
+    reader = DigitReader(backbone="simple_cnn", max_len=3, box_head=True, char_boxes=True,
+                         zoom_from="digits", zoom_steps=2, image_size=(32, 64),
+                         zoom_search=True, search_gate=0.9,
+                         search_majority=majority).eval()
+    reader.normalize = lambda images: images.float()  # keeps each image's number
+    windows = search_windows()
+    sizes = []
+
+    def reading(image: int, window: int | None) -> list[int]:
+        if window is None:
+            return [4, BLANK, BLANK]
+        if image == 1:
+            return [7, BLANK, BLANK]
+        middle = 9 <= window < 18
+        return [(7, 3, 2)[window % 3] if middle else 3, BLANK, BLANK]
+
+    def fake_chain(images, start):
+        sizes.append(len(images))
+        match = (windows - start[0]).abs().sum(1)
+        window = int(match.argmin()) if match.min() < 1e-6 else None
+        ids = images[:, 0, 0, 0].long().tolist()
+        sure = [0.99 if window is None and image == 0 else 0.6 if window is None else 0.9
+                for image in ids]
+        logits = torch.cat([reading_logits([reading(image, window)], confidence)
+                            for image, confidence in zip(ids, sure, strict=True)])
+        box = torch.tensor([[0.3, 0.3, 0.7, 0.7]]).expand(len(images), 4)
+        return {"logits": logits, "box": box, "char_boxes": box[:, None].expand(-1, 3, 4)}
+
+    reader.zoom_chain = fake_chain
+    return reader, sizes
+
+
+def test_the_two_step_search_runs_the_other_windows_only_where_the_vote_is_split():
+    images = torch.arange(3).view(3, 1, 1, 1).expand(3, 3, 64, 128).to(torch.uint8)
+    reader, sizes = _two_step_reader(0.5)
+    with torch.no_grad():
+        out = reader(images)
+    assert out["searched"].tolist() == [False, True, True]
+    # The first two chains on all three, the 9 middle windows on the two unsure images,
+    # the other 18 only on image 2, whose 11 chains held no majority.
+    assert sizes == [3, 3] + [2] * 9 + [1] * 18
+    assert out["logits"].argmax(-1)[:, 0].tolist() == [4, 7, 3]
+    chains = out["chain_logits"].argmax(-1)[..., 0]
+    assert chains.shape == (3, 29)
+    assert chains[1, 2:].eq(7).all()  # its 9 windows, and its answer in the 18 not run
+    # Image 2 went the whole way: its answer and chains are the full search's.
+    full, full_sizes = _two_step_reader(None)
+    with torch.no_grad():
+        reference = full(images)
+    assert full_sizes == [3, 3] + [2] * 27
+    torch.testing.assert_close(out["chain_logits"][2], reference["chain_logits"][2])
+    torch.testing.assert_close(out["logits"][2], reference["logits"][2])
+    assert reference["logits"].argmax(-1)[:, 0].tolist() == [4, 7, 3]
+
+
+def test_a_majority_of_one_takes_every_split_vote_the_whole_way():
+    images = torch.arange(3).view(3, 1, 1, 1).expand(3, 3, 64, 128).to(torch.uint8)
+    reader, sizes = _two_step_reader(1.0)  # image 1's two unsure "4"s split its vote too
+    with torch.no_grad():
+        reader(images)
+    assert sizes == [3, 3] + [2] * 9 + [2] * 18
+
+
+@pytest.mark.parametrize("majority", [0.0, 1.5])
+def test_a_majority_outside_zero_to_one_is_refused(majority):
+    with pytest.raises(ValueError, match="search_majority"):
+        DigitReader(box_head=True, zoom_steps=1, zoom_search=True, search_majority=majority)
 
 
 def test_zoom_search_needs_zoom_steps():

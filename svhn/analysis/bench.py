@@ -775,13 +775,17 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
                             "on the labelled --split of --data_dir (svhn.analysis.search_bench)")
     modes.add_argument("--gate", type=float, default=None,
                        help="with --search: the gate timed (default: each checkpoint's own)")
+    modes.add_argument("--search_majority", type=float, default=None,
+                       help="with --search: the two-step search's majority, timed and swept "
+                            "(default: each checkpoint's own)")
     modes.add_argument("--scale", action="store_true",
                        help="how costs grow with the data: synthetic sets of --scale_train "
                             "train images and a --scale_test test set (svhn.analysis.scale_bench)")
     modes.add_argument("--scale_train", type=int, nargs="+", default=[2000, 8000, 32000])
     modes.add_argument("--scale_test", type=int, default=40000)
     args = vars(parser.parse_args(argv))
-    output = {key: args.pop(key) for key in ("json", "out", "search", "gate", "scale",
+    output = {key: args.pop(key) for key in ("json", "out", "search", "gate",
+                                               "search_majority", "scale",
                                                "scale_train", "scale_test")}
     args["image_size"] = tuple(args["image_size"])
     return BenchConfig(**args), output
@@ -795,6 +799,7 @@ def _search_report(cfg: BenchConfig, output: dict) -> tuple[dict, str]:
                            "val, say).")
     device = resolve_device(cfg.device)
     reports = [measure_search(path, cfg.data_dir, cfg.split, gate=output["gate"],
+                              majority=output["search_majority"],
                               batch_size=cfg.batch_size, num_workers=cfg.workers,
                               accelerator=accelerator_for(device))
                for path in output["search"]]

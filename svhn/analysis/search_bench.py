@@ -12,7 +12,10 @@ and the gated pass's own score checks that claim.
 
 For each gate the report says the share of images searched, the whole-string score, its
 difference from the full search's, and where the gate matters: the images it did not search
-whose answer the full search would have changed, and who had them right.
+whose answer the full search would have changed, and who had them right. With
+``--search_majority`` (the two-step search, ``DigitReader.search_majority``) the sweep and the
+gated pass search in two steps, and the report also says the share of images that went on
+to all 27 windows.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import torch
 from svhn.inference.checkpoints import load_reader, read_checkpoint
 from svhn.inference.predictor import build_trainer, evaluation_datamodule, predict_with_reader
 from svhn.model.metrics import whole_string_correct
-from svhn.model.reader import SEARCH_GATE
-from svhn.model.vote import chains_unsure, vote_over_chains
+from svhn.model.reader import FIRST_WINDOWS, SEARCH_GATE
+from svhn.model.vote import chains_unsure, majority_share, vote_over_chains
 
 __all__ = ["DEFAULT_GATES", "format_search_table", "gate_sweep", "measure_search"]
 
@@ -35,29 +38,44 @@ DEFAULT_GATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
 
 
 def gate_sweep(chain_probs: torch.Tensor, chain_boxes: torch.Tensor, full_probs: torch.Tensor,
-               targets: torch.Tensor, gates: Sequence[float]) -> list[dict]:
+               targets: torch.Tensor, gates: Sequence[float],
+               majority: float | None = None) -> list[dict]:
     """Each gate's score from one full search, gated as the reader gates
-    (``chains_unsure``): (N, K, L, 11) chain probabilities and (N, K, 4) boxes in the
-    search's order (the first chain, the box head's chain, then the windows'), the
-    (N, L, 11) answer the full search gave, (N, L) targets."""
+    (``chains_unsure``; with ``majority``, in two steps as ``search_majority``): (N, K, L,
+    11) chain probabilities and (N, K, 4) boxes in the search's order (the first chain, the
+    box head's chain, then the windows'), the (N, L, 11) answer the full search gave, (N,
+    L) targets."""
     kept, _ = vote_over_chains(chain_probs[:, :2], chain_boxes[:, :2])  # a skipped image's
     full_right = whole_string_correct(full_probs, targets).bool()
-    kept_right = whole_string_correct(kept, targets).bool()
-    changed = ~(kept.argmax(-1) == full_probs.argmax(-1)).all(-1)  # the search's answer
     count = len(targets)
+    first_step = ~torch.zeros(count, dtype=torch.bool)  # without majority: one step
+    step_answer = full_probs
+    if majority is not None:  # the vote over the first two and the middle windows' chains
+        columns = [0, 1] + [2 + window for window in FIRST_WINDOWS]
+        step_answer, _ = vote_over_chains(chain_probs[:, columns], chain_boxes[:, columns])
+        first_step = majority_share(chain_probs[:, columns],
+                                    chain_boxes[:, columns]) >= majority
+        step_answer = torch.where(first_step[:, None, None], step_answer, full_probs)
     rows = []
     for gate in gates:
-        searched = torch.ones_like(changed) if gate >= 1 else chains_unsure(
-            chain_probs[:, 0], chain_probs[:, 1], chain_boxes[:, 0], chain_boxes[:, 1], gate)
-        right = torch.where(searched, full_right, kept_right)
-        missed = ~searched & changed  # the search would have answered otherwise
+        if gate >= 1:  # the full search: every image, every window
+            searched, answer = torch.ones(count, dtype=torch.bool), full_probs
+        else:
+            searched = chains_unsure(chain_probs[:, 0], chain_probs[:, 1], chain_boxes[:, 0],
+                                     chain_boxes[:, 1], gate)
+            answer = torch.where(searched[:, None, None], step_answer, kept)
+        right = whole_string_correct(answer, targets).bool()
+        # Where the gate matters: answers the full search would have given otherwise.
+        missed = ~(answer.argmax(-1) == full_probs.argmax(-1)).all(-1)
+        every_window = searched if gate >= 1 or majority is None else searched & ~first_step
         rows.append({
             "gate": gate, "searched_share": float(searched.float().mean()),
+            "every_window_share": float(every_window.float().mean()),
             "score": float(right.float().mean()),
             "score_vs_full": float(right.float().mean() - full_right.float().mean()),
             "missed_changes": int(missed.sum()), "missed_share": int(missed.sum()) / count,
             "missed_full_right": int((missed & full_right).sum()),
-            "missed_first_right": int((missed & kept_right).sum()),
+            "missed_first_right": int((missed & right).sum()),
         })
     return rows
 
@@ -70,16 +88,19 @@ def _timed_pass(reader, datamodule, trainer) -> tuple[float, object]:
 
 def measure_search(checkpoint: str | Path, data_dir: str | Path, split: str = "val",
                    gates: Sequence[float] = DEFAULT_GATES, gate: float | None = None,
-                   batch_size: int = 128, num_workers: int = 0,
-                   accelerator: str = "auto") -> dict:
-    """One checkpoint's full and gated passes over a labelled split, and the gate sweep."""
+                   majority: float | None = None, batch_size: int = 128,
+                   num_workers: int = 0, accelerator: str = "auto") -> dict:
+    """One checkpoint's full and gated passes over a labelled split, and the gate sweep;
+    ``gate`` and ``majority`` None: the checkpoint's own."""
     contents = read_checkpoint(checkpoint)
     gate = float(contents.model.get("search_gate", SEARCH_GATE)) if gate is None else gate
+    majority = contents.model.get("search_majority") if majority is None else majority
     datamodule = evaluation_datamodule(contents, data_dir, split, batch_size=batch_size,
                                        num_workers=num_workers, labelled=True)
     datamodule.prepare_data()  # the cache is built once, outside the timing
     full = load_reader(contents, zoom_search=True, search_gate=1.0)
-    gated = load_reader(contents, zoom_search=True, search_gate=gate)
+    gated = load_reader(contents, zoom_search=True, search_gate=gate,
+                        search_majority=majority)
     warm_up = build_trainer(accelerator, precision=contents.precision, progress_bar=False,
                             limit_batches=1)
     trainer = build_trainer(accelerator, precision=contents.precision, progress_bar=False)
@@ -88,10 +109,10 @@ def measure_search(checkpoint: str | Path, data_dir: str | Path, split: str = "v
     gated_seconds, gated_out = _timed_pass(gated, datamodule, trainer)
     count = len(full_out)
     sweep = gate_sweep(full_out.chain_probs, full_out.chain_boxes, full_out.probs,
-                       full_out.targets, sorted({*gates, gate}))
+                       full_out.targets, sorted({*gates, gate}), majority)
     return {
         "checkpoint": str(checkpoint), "split": split, "images": count,
-        "precision": contents.precision, "gate": gate,
+        "precision": contents.precision, "gate": gate, "majority": majority,
         "full": {"seconds": full_seconds, "images_per_s": count / full_seconds,
                  "score": float(whole_string_correct(full_out.probs, full_out.targets).mean())},
         "gated": {"seconds": gated_seconds, "images_per_s": count / gated_seconds,
@@ -105,17 +126,20 @@ def measure_search(checkpoint: str | Path, data_dir: str | Path, split: str = "v
 
 def format_search_table(report: dict) -> str:
     full, gated = report["full"], report["gated"]
+    majority = report.get("majority")
+    steps = "" if majority is None else f", two steps at majority {majority:g}"
     lines = [
         f"{Path(report['checkpoint']).name} on {report['split']} ({report['images']} images, "
         f"{report['precision']}):",
         f"  full search : {full['images_per_s']:7.1f} images/s  score {full['score']:.3f}",
-        f"  gated ({report['gate']:g})  : {gated['images_per_s']:7.1f} images/s  score "
+        f"  gated ({report['gate']:g}{steps}): {gated['images_per_s']:7.1f} images/s  score "
         f"{gated['score']:.3f}  searched {gated['searched_share']:.0%}  "
         f"-> {report['speedup']:.1f}x the full search's images/s",
-        "  gate   searched  score   vs full  missed changes (full right / gated right)",
+        "  gate   searched  all 27  score   vs full  missed changes (full right / gated right)",
     ]
     for row in report["sweep"]:
-        lines.append(f"  {row['gate']:<6g} {row['searched_share']:7.0%}  {row['score']:.3f}  "
+        lines.append(f"  {row['gate']:<6g} {row['searched_share']:7.0%}  "
+                     f"{row['every_window_share']:6.0%}  {row['score']:.3f}  "
                      f"{row['score_vs_full']:+.3f}   {row['missed_changes']:3d} "
                      f"({row['missed_full_right']} / {row['missed_first_right']})")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ in ``svhn.model.training``, prediction in ``svhn.inference``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,9 +29,10 @@ from svhn.errors import SettingError
 from svhn.model.backbones import create_backbone, input_normalization
 from svhn.model.detector import DETECTION_STRIDE, DetectionHead, decode_detections
 from svhn.model.geometry import box_from_crop, crop_boxes, crop_region
-from svhn.model.vote import chains_unsure, voted_chain
+from svhn.model.vote import chains_unsure, majority_share, voted_chain
 
-__all__ = ["DigitHeads", "DigitReader", "HEADS", "search_windows", "ZOOM_FROM"]
+__all__ = ["DigitHeads", "DigitReader", "FIRST_WINDOWS", "HEADS", "search_windows",
+           "ZOOM_FROM"]
 
 ZOOM_FROM = ("box", "digits")
 HEADS = ("positions", "detector")
@@ -41,6 +43,10 @@ SEARCH_GATE = 0.3
 # y) at three window sizes (width, height), 27 windows besides the two predicted boxes.
 _SEARCH_CENTRES = ((0.25, 0.5, 0.75), (0.3, 0.5, 0.7))
 _SEARCH_SIZES = ((0.7, 0.8), (0.5, 0.6), (0.3, 0.45))
+# With ``search_majority``, the windows searched first: the middle size at every centre
+# (indices into search_windows(), which is size by size).
+FIRST_WINDOWS = tuple(range(len(_SEARCH_CENTRES[0]) * len(_SEARCH_CENTRES[1]),
+                             2 * len(_SEARCH_CENTRES[0]) * len(_SEARCH_CENTRES[1])))
 
 
 class DigitHeads(nn.Module):
@@ -61,6 +67,20 @@ class DigitHeads(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         hidden = self.dropout(self.shared(features))
         return torch.stack([head(hidden) for head in self.heads], dim=1)
+
+
+class FeatureMaps(nn.Module):
+    """The backbone's feature maps at ``levels`` (what the detector reads), as a module of
+    its own so ``torch.compile`` can wrap them as it wraps a pooled backbone."""
+
+    def __init__(self, backbone: nn.Module, levels: list[int]):
+        super().__init__()
+        self.backbone = backbone
+        self.levels = levels
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.backbone.forward_intermediates(images, indices=self.levels,
+                                                   intermediates_only=True)
 
 
 class DigitReader(nn.Module):
@@ -107,6 +127,10 @@ class DigitReader(nn.Module):
             first two chains disagree (reading or place) or the first chain's confidence
             (the product of its positions' top probabilities) is below this; 1 searches
             every image (``svhn.predict --full_search``).
+        search_majority: spend the search in two steps: an unsure image first gets the 9
+            middle-size windows' chains, and the other 18 only where the vote over its 11
+            chains is split: its winning reading holds less than this share of their support
+            (``majority_share``; 0.5: no majority). None: all 27 at once.
         head: ``positions`` (the parallel per-character heads) or ``detector``: a dense
             digit detector over the backbone's stride-8/16/32 maps (``svhn.model.detector``)
             whose digits, sorted left to right, fill the positions; the same (B, max_len,
@@ -135,6 +159,7 @@ class DigitReader(nn.Module):
         zoom_search: bool = False,
         channels_last: bool = False,
         search_gate: float = SEARCH_GATE,
+        search_majority: float | None = None,
         head: str = "positions",
         detect_threshold: float = 0.25,
     ):
@@ -161,6 +186,9 @@ class DigitReader(nn.Module):
         if not 0 <= search_gate <= 1:
             raise SettingError(f"search_gate {search_gate!r}: must be in [0, 1] (1 searches "
                                "every image).")
+        if search_majority is not None and not 0 < search_majority <= 1:
+            raise SettingError(f"search_majority {search_majority!r}: must be in (0, 1] "
+                               "(or null: every window at once).")
         if not 0 < detect_threshold < 1:
             raise SettingError(f"detect_threshold {detect_threshold!r}: must be in (0, 1).")
         self.image_size = (int(image_size[0]), int(image_size[1]))
@@ -171,6 +199,7 @@ class DigitReader(nn.Module):
         self.zoom_margin = zoom_margin
         self.zoom_search = zoom_search
         self.search_gate = search_gate
+        self.search_majority = search_majority
         self.channels_last = channels_last
         self.detector: DetectionHead | None = None
         if head == "detector":
@@ -211,10 +240,12 @@ class DigitReader(nn.Module):
         return self
 
     def compile_backbone(self) -> None:
-        """Run the backbone through ``torch.compile``; kept out of the module tree so the
-        weights keep their plain names in checkpoints."""
+        """Run the backbone through ``torch.compile`` (with the detector: its feature maps);
+        kept out of the module tree so the weights keep their plain names in checkpoints."""
         if self.compiled_backbone is None:
-            object.__setattr__(self, "compiled_backbone", torch.compile(self.backbone))
+            target = self.backbone if self.detector is None else \
+                FeatureMaps(self.backbone, self.detect_levels)
+            object.__setattr__(self, "compiled_backbone", torch.compile(target))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batches (as the data module sends them) -> floats normalised for this
@@ -244,8 +275,8 @@ class DigitReader(nn.Module):
     def detect(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``read`` with the detector: ``detection`` (the head's maps, for the loss), the
         decoded ``logits`` (log-probabilities) and ``char_boxes``, and the ``box``."""
-        maps = self.backbone.forward_intermediates(images, indices=self.detect_levels,
-                                                   intermediates_only=True)
+        maps = (FeatureMaps(self.backbone, self.detect_levels) if self.compiled_backbone is None
+                else self.compiled_backbone)(images)
         detection = self.detector(maps)
         with torch.no_grad():  # decoding picks cells: nothing to learn through it
             found = decode_detections(detection, self.max_len, self.detect_threshold)
@@ -296,28 +327,54 @@ class DigitReader(nn.Module):
             return result
         # The one host sync of the search: how many images to search decides the work.
         rows = self.unsure(first, second).nonzero().squeeze(1)
-        result = {key: value for key, value in voted_chain([first, second]).items()
-                  if key in first}
         # An image not searched: its two chains, then its answer in the windows' places
         # (the search would have agreed: what the gate assumes), so ensembles still vote
         # over 29 chains per member.
-        fill = [first, second] + [result] * len(self.search_starts)
-        result["chain_logits"] = torch.stack(
-            [chain["logits"].to(result["logits"].dtype) for chain in fill], 1)
-        result["chain_boxes"] = torch.stack([chain["box"].float() for chain in fill], 1)
+        result = _with_chains(voted_chain([first, second]), [first, second],
+                              [None] * len(self.search_starts))
         if len(rows):  # (its length is known here: nonzero synced already)
             chains = [_take(first, rows), _take(second, rows)]
-            voted = voted_chain(chains + self.window_chains(images[rows]))
+            if self.search_majority is None:
+                voted = voted_chain(chains + self.window_chains(images[rows]))
+            else:
+                voted = self.search_in_two_steps(images[rows], chains)
             result = {key: value.index_put((rows,), voted[key].to(value.dtype))
                       for key, value in result.items()}
         result["searched"] = torch.zeros(len(images), dtype=torch.bool,
                                          device=images.device).index_fill(0, rows, True)
         return result
 
-    def window_chains(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """A zoom chain from each of ``search_starts`` (the buffer of ``search_windows()``)."""
-        return [self.zoom_chain(images, window.expand(len(images), 4))
-                for window in self.search_starts]
+    def search_in_two_steps(self, images: torch.Tensor, chains: list[dict[str, torch.Tensor]]
+                            ) -> dict[str, torch.Tensor]:
+        """``search_majority``'s search of ``images`` given their first two ``chains``: the
+        middle-size windows first, the rest only where the vote over those is split. As
+        ``voted_chain`` over 29 chains; a window not run holds the answer (the gate's fill)."""
+        first_windows = dict(zip(FIRST_WINDOWS,
+                                 self.window_chains(images, FIRST_WINDOWS), strict=True))
+        voted = voted_chain(chains + list(first_windows.values()))
+        split = majority_share(voted["chain_logits"].float().softmax(-1),
+                               voted["chain_boxes"]) < self.search_majority
+        result = _with_chains(voted, chains, [first_windows.get(index) for index
+                                              in range(len(self.search_starts))])
+        rows = split.nonzero().squeeze(1)  # the second host sync: how many go on
+        if len(rows):
+            rest = [index for index in range(len(self.search_starts))
+                    if index not in first_windows]
+            more = dict(zip(rest, self.window_chains(images[rows], rest), strict=True))
+            windows = [more[index] if index in more else _take(first_windows[index], rows)
+                       for index in range(len(self.search_starts))]
+            full = voted_chain([_take(chain, rows) for chain in chains] + windows)
+            result = {key: value.index_put((rows,), full[key].to(value.dtype))
+                      for key, value in result.items()}
+        return result
+
+    def window_chains(self, images: torch.Tensor, windows: Sequence[int] | None = None
+                      ) -> list[dict[str, torch.Tensor]]:
+        """A zoom chain from each of ``search_starts`` (the buffer of ``search_windows()``),
+        or from those at ``windows`` (indices)."""
+        starts = self.search_starts if windows is None else \
+            [self.search_starts[index] for index in windows]  # no index tensor to copy over
+        return [self.zoom_chain(images, window.expand(len(images), 4)) for window in starts]
 
     def unsure(self, first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
                ) -> torch.Tensor:
@@ -368,6 +425,19 @@ def _detection_levels(model: nn.Module, name: str) -> tuple[list[int], list[int]
 
 def _take(chain: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
     return {key: value[rows] for key, value in chain.items()}
+
+
+def _with_chains(voted: dict[str, torch.Tensor], chains: list[dict[str, torch.Tensor]],
+                 windows: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+    """``voted``'s answer with its 29 ``chain_logits`` and ``chain_boxes`` in the search's
+    order: ``chains`` (the first two), then the windows', the answer itself in the place
+    of a window not run (None)."""
+    result = {key: value for key, value in voted.items() if key in chains[0]}
+    ordered = chains + [result if window is None else window for window in windows]
+    result["chain_logits"] = torch.stack(
+        [chain["logits"].to(result["logits"].dtype) for chain in ordered], 1)
+    result["chain_boxes"] = torch.stack([chain["box"].float() for chain in ordered], 1)
+    return result
 
 
 def search_windows() -> torch.Tensor:

@@ -8,8 +8,8 @@ import torch
 from svhn.data.labels import canonical_predictions
 from svhn.model.geometry import pairwise_iou
 
-__all__ = ["chain_confidence", "chains_unsure", "pick_chain", "vote", "vote_over_chains",
-           "vote_probabilities", "voted_chain"]
+__all__ = ["chain_confidence", "chains_unsure", "majority_share", "pick_chain", "vote",
+           "vote_over_chains", "vote_probabilities", "voted_chain"]
 
 
 def voted_chain(chains: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -37,13 +37,28 @@ def vote(logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 def vote_probabilities(probs: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """``vote`` over chains given as (K, B, max_len, 11) probabilities."""
+    support, confidence = _support(probs, boxes)
+    best = support == support.amax(0, keepdim=True)
+    return torch.where(best, confidence, -1.0).argmax(0)
+
+
+def majority_share(chain_probs: torch.Tensor, chain_boxes: torch.Tensor) -> torch.Tensor:
+    """(N,) how decided an image's vote is: the winning chain's support (``vote``) as a
+    share of all its (N, K, max_len, 11) chains' confidence on (N, K, 4) boxes. 1: every
+    chain reads the same number in the same place; below 0.5: no reading holds a majority."""
+    support, confidence = _support(chain_probs.transpose(0, 1), chain_boxes.transpose(0, 1))
+    return support.amax(0) / confidence.sum(0).clamp(min=1e-12)
+
+
+def _support(probs: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each of (K, B, max_len, 11) chains' support (K, B): the summed confidence of the
+    chains that read as it does (itself included), each weighted by their boxes' IoU; and
+    the chains' confidence (K, B)."""
     probs = probs.float()
     readings = canonical_predictions(probs.flatten(0, 1)).view(*probs.shape[:3])
     confidence = chain_confidence(probs)  # (K, B)
     agree = (readings[:, None] == readings[None]).all(-1)  # (K, K, B)
-    support = (agree * pairwise_iou(boxes) * confidence[None]).sum(1)  # (K, B)
-    best = support == support.amax(0, keepdim=True)
-    return torch.where(best, confidence, -1.0).argmax(0)
+    return (agree * pairwise_iou(boxes) * confidence[None]).sum(1), confidence
 
 
 def vote_over_chains(chain_probs: torch.Tensor, chain_boxes: torch.Tensor

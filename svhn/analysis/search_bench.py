@@ -48,8 +48,8 @@ def gate_sweep(chain_probs: torch.Tensor, chain_boxes: torch.Tensor, full_probs:
     kept, _ = vote_over_chains(chain_probs[:, :2], chain_boxes[:, :2])  # a skipped image's
     full_right = whole_string_correct(full_probs, targets).bool()
     count = len(targets)
-    first_step = ~torch.zeros(count, dtype=torch.bool)  # without majority: one step
-    step_answer = full_probs
+    # Without a majority a searched image's answer is the full search's (one step).
+    first_step, step_answer = torch.ones(count, dtype=torch.bool), full_probs
     if majority is not None:  # the vote over the first two and the middle windows' chains
         columns = [0, 1] + [2 + window for window in FIRST_WINDOWS]
         step_answer, _ = vote_over_chains(chain_probs[:, columns], chain_boxes[:, columns])

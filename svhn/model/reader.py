@@ -325,7 +325,8 @@ class DigitReader(nn.Module):
             result["searched"] = torch.ones(len(images), dtype=torch.bool,
                                             device=images.device)
             return result
-        # The one host sync of the search: how many images to search decides the work.
+        # The gate's host sync: how many images to search decides the work (the two-step
+        # search has one more, for how many go on).
         rows = self.unsure(first, second).nonzero().squeeze(1)
         # An image not searched: its two chains, then its answer in the windows' places
         # (the search would have agreed: what the gate assumes), so ensembles still vote

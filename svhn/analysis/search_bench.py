@@ -48,14 +48,15 @@ def gate_sweep(chain_probs: torch.Tensor, chain_boxes: torch.Tensor, full_probs:
     kept, _ = vote_over_chains(chain_probs[:, :2], chain_boxes[:, :2])  # a skipped image's
     full_right = whole_string_correct(full_probs, targets).bool()
     count = len(targets)
-    # Without a majority a searched image's answer is the full search's (one step).
-    first_step, step_answer = torch.ones(count, dtype=torch.bool), full_probs
-    if majority is not None:  # the vote over the first two and the middle windows' chains
+    # A searched image's answer: the full search's, unless two steps decide it early (the
+    # vote over its first two and its middle windows' chains holds a majority).
+    decided_early, searched_answer = torch.zeros(count, dtype=torch.bool), full_probs
+    if majority is not None:
         columns = [0, 1] + [2 + window for window in FIRST_WINDOWS]
-        step_answer, _ = vote_over_chains(chain_probs[:, columns], chain_boxes[:, columns])
-        first_step = majority_share(chain_probs[:, columns],
-                                    chain_boxes[:, columns]) >= majority
-        step_answer = torch.where(first_step[:, None, None], step_answer, full_probs)
+        early, _ = vote_over_chains(chain_probs[:, columns], chain_boxes[:, columns])
+        decided_early = majority_share(chain_probs[:, columns],
+                                       chain_boxes[:, columns]) >= majority
+        searched_answer = torch.where(decided_early[:, None, None], early, full_probs)
     rows = []
     for gate in gates:
         if gate >= 1:  # the full search: every image, every window
@@ -63,11 +64,11 @@ def gate_sweep(chain_probs: torch.Tensor, chain_boxes: torch.Tensor, full_probs:
         else:
             searched = chains_unsure(chain_probs[:, 0], chain_probs[:, 1], chain_boxes[:, 0],
                                      chain_boxes[:, 1], gate)
-            answer = torch.where(searched[:, None, None], step_answer, kept)
+            answer = torch.where(searched[:, None, None], searched_answer, kept)
         right = whole_string_correct(answer, targets).bool()
         # Where the gate matters: answers the full search would have given otherwise.
         missed = ~(answer.argmax(-1) == full_probs.argmax(-1)).all(-1)
-        every_window = searched if gate >= 1 or majority is None else searched & ~first_step
+        every_window = searched if gate >= 1 else searched & ~decided_early
         rows.append({
             "gate": gate, "searched_share": float(searched.float().mean()),
             "every_window_share": float(every_window.float().mean()),

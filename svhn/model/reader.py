@@ -230,6 +230,11 @@ class DigitReader(nn.Module):
                              persistent=False)
         # On the reader's device: no host-to-device copy per searched batch.
         self.register_buffer("search_starts", search_windows(), persistent=False)
+        # What each read runs the images through: the pooled backbone, or with the detector
+        # its feature maps. Built once, and kept out of the module tree (as its compiled
+        # form) so the weights keep their plain names in checkpoints.
+        object.__setattr__(self, "feature_extractor", self.backbone if self.detector is None
+                           else FeatureMaps(self.backbone, self.detect_levels))
         self.compiled_backbone: nn.Module | None = None
         self.apply_memory_format()
 
@@ -243,9 +248,14 @@ class DigitReader(nn.Module):
         """Run the backbone through ``torch.compile`` (with the detector: its feature maps);
         kept out of the module tree so the weights keep their plain names in checkpoints."""
         if self.compiled_backbone is None:
-            target = self.backbone if self.detector is None else \
-                FeatureMaps(self.backbone, self.detect_levels)
-            object.__setattr__(self, "compiled_backbone", torch.compile(target))
+            object.__setattr__(self, "compiled_backbone", torch.compile(self.feature_extractor))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """``feature_extractor`` on images, compiled once ``compile_backbone`` ran."""
+        # "or" would ask the compiled module for its len(), which it refuses
+        extractor = self.feature_extractor if self.compiled_backbone is None else \
+            self.compiled_backbone
+        return extractor(images)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batches (as the data module sends them) -> floats normalised for this
@@ -261,9 +271,7 @@ class DigitReader(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         if self.detector is not None:
             return self.detect(images)
-        # "or" would ask the compiled module for its len(), which it refuses
-        backbone = self.backbone if self.compiled_backbone is None else self.compiled_backbone
-        features = backbone(images)
+        features = self.features(images)
         out = {"logits": self.heads(features)}
         if self.box_regressor is not None:
             out["box"] = self.box_regressor(features).sigmoid()
@@ -275,8 +283,7 @@ class DigitReader(nn.Module):
     def detect(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``read`` with the detector: ``detection`` (the head's maps, for the loss), the
         decoded ``logits`` (log-probabilities) and ``char_boxes``, and the ``box``."""
-        maps = (FeatureMaps(self.backbone, self.detect_levels) if self.compiled_backbone is None
-                else self.compiled_backbone)(images)
+        maps = self.features(images)
         detection = self.detector(maps)
         with torch.no_grad():  # decoding picks cells: nothing to learn through it
             found = decode_detections(detection, self.max_len, self.detect_threshold)
@@ -339,8 +346,7 @@ class DigitReader(nn.Module):
                 voted = voted_chain(chains + self.window_chains(images[rows]))
             else:
                 voted = self.search_in_two_steps(images[rows], chains)
-            result = {key: value.index_put((rows,), voted[key].to(value.dtype))
-                      for key, value in result.items()}
+            result = _put_rows(result, rows, voted)
         result["searched"] = torch.zeros(len(images), dtype=torch.bool,
                                          device=images.device).index_fill(0, rows, True)
         return result
@@ -364,9 +370,8 @@ class DigitReader(nn.Module):
             more = dict(zip(rest, self.window_chains(images[rows], rest), strict=True))
             windows = [more[index] if index in more else _take(first_windows[index], rows)
                        for index in range(len(self.search_starts))]
-            full = voted_chain([_take(chain, rows) for chain in chains] + windows)
-            result = {key: value.index_put((rows,), full[key].to(value.dtype))
-                      for key, value in result.items()}
+            result = _put_rows(result, rows, voted_chain(
+                [_take(chain, rows) for chain in chains] + windows))
         return result
 
     def window_chains(self, images: torch.Tensor, windows: Sequence[int] | None = None
@@ -426,6 +431,13 @@ def _detection_levels(model: nn.Module, name: str) -> tuple[list[int], list[int]
 
 def _take(chain: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
     return {key: value[rows] for key, value in chain.items()}
+
+
+def _put_rows(result: dict[str, torch.Tensor], rows: torch.Tensor,
+              part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``result`` with ``part``'s values (one row per index of ``rows``) written at rows."""
+    return {key: value.index_put((rows,), part[key].to(value.dtype))
+            for key, value in result.items()}
 
 
 def _with_chains(voted: dict[str, torch.Tensor], chains: list[dict[str, torch.Tensor]],

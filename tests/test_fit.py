@@ -207,8 +207,10 @@ CONFIG_MEANS = {
                       "model.feature_grid": [2, 4],
                       "model.zoom_steps": 3, "model.zoom_search": True,
                       "data.image_size": [64, 128], "data.augment": "zoom",
-                      "data.batch_size": 64, "time_budget.minutes": 27.0},
+                      "data.batch_size": 64, "time_budget.minutes": 27.0,
+                      "trainer.precision": "auto"},
     "default.yaml": {"model.backbone": "vgg", "model.zoom_steps": 2, "data.data_dir": None,
+                     "trainer.precision": "auto",
                      "data.augment": "zoom_plain", "data.synthetic_fallback": True},
 }
 
@@ -235,7 +237,7 @@ def test_zoom_overlay_composes_with_a_backbone_config(capsys):
     (["zoom.yaml", "real_cpu.yaml"], ["backbone: resnet18d", "zoom_steps: 3", "augment: zoom",
                                       "box_head: true", "eval_scale: 2.0"]),
     (["resnet18.yaml", "resnet50.yaml"], ["backbone: resnet50", "pretrained: true",
-                                          "augment: strong", "precision: bf16-mixed"]),
+                                          "augment: strong", "precision: auto"]),
     (["real_cpu.yaml", "gpu_full.yaml"], ["accelerator: gpu", "augment_on: device",
                                           "max_epochs: 40", "backbone: resnet18d",
                                           "time_budget:\n  minutes: null"]),

@@ -38,6 +38,7 @@ from svhn.inference.submission import (
 from svhn.inference.views import PLAIN_VIEWS, TTA_VIEWS
 from svhn.model.reader import SEARCH_GATE
 from svhn.paths import DATA_DIR, SUBMIT_DIR
+from svhn.precision import AUTO
 
 __all__ = ["count_all_blank", "default_output_path", "main", "probs_path_for"]
 
@@ -167,11 +168,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", type=_devices, default=1)
     parser.add_argument("--strategy", default=None, help="e.g. ddp (default: Lightning's auto)")
-    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+    parser.add_argument("--precision", default=None, choices=(*PRECISIONS, AUTO),
                         help="default: the precision each checkpoint was validated in (the "
                              "score in its name). bf16-mixed: 2-3x faster with "
                              "--channels_last on CPUs with AMX or AVX512-BF16 and on recent "
-                             "GPUs; 16-mixed: GPUs")
+                             "GPUs, many times slower on other CPUs; 16-mixed: GPUs; auto: "
+                             "the fastest this machine has")
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                         help="memory format for the convolutions (default: as trained)")
     parser.add_argument("--zoom_search", action=argparse.BooleanOptionalAction, default=None,

@@ -34,6 +34,7 @@ from svhn.inference.provenance import data_notice, fold_notice
 from svhn.inference.views import PLAIN_VIEWS, VIEWS, check_views
 from svhn.model.reader import DigitReader
 from svhn.model.vote import vote_over_chains
+from svhn.precision import AUTO, auto_precision, emulated_bf16_notice
 
 __all__ = ["build_trainer", "evaluation_datamodule", "is_global_zero", "PRECISIONS",
            "predict_split", "predict_with_reader", "PredictionRows", "ReaderPredictor"]
@@ -214,7 +215,7 @@ def predict_split(
     trainers: dict[str, L.Trainer] = {}
     members = []
     for content in contents:
-        run_precision = precision or content.precision
+        run_precision, source = _run_precision(precision, content.precision, accelerator)
         if run_precision not in trainers:
             trainers[run_precision] = build_trainer(accelerator, devices, strategy,
                                                     run_precision)
@@ -225,10 +226,10 @@ def predict_split(
                              zoom_search=zoom_search, search_gate=search_gate,
                              search_majority=search_majority)
         if is_global_zero():
-            source = "as given" if precision else "as validated"
             print(f"Reading {split} with {content.path.name} in {run_precision} ({source}).",
                   flush=True)
-            for notice in (data_notice(content, data_dir), fold_notice(content, split)):
+            for notice in (emulated_bf16_notice(run_precision, accelerator, fix=_FLOAT32_FIX),
+                           data_notice(content, data_dir), fold_notice(content, split)):
                 if notice:
                     print(notice, flush=True)
         members.append(predict_with_reader(reader, datamodule, trainers[run_precision], views))
@@ -240,6 +241,19 @@ def predict_split(
     result.checkpoints, result.data_dir, result.split, result.views = paths, Path(data_dir), \
         split, views
     return result
+
+
+_FLOAT32_FIX = ("--precision auto (or 32-true) reads in float32, where the score may differ "
+                "by an image or two.")
+
+
+def _run_precision(asked: str | None, validated: str, accelerator: str) -> tuple[str, str]:
+    """The precision a checkpoint reads in, and why: as asked, ``auto`` (the fastest this
+    machine has: ``svhn.precision``), or as its validation ran (``asked`` None)."""
+    if asked == AUTO:
+        chosen, why = auto_precision(accelerator)
+        return chosen, f"auto: {why}"
+    return (asked, "as given") if asked else (validated, "as validated")
 
 
 def is_global_zero() -> bool:

@@ -48,6 +48,7 @@ from svhn.train.resume import (
 from svhn.train.run_dir import RunDir
 from svhn.train.run_summary import final_checkpoint, not_held_out_message, val_is_held_out
 from svhn.train.time_budget import TimeBudget
+from svhn.train.trainer import Trainer
 
 __all__ = ["build_cli", "final_summary", "main", "SaveConfigOnce", "SVHNCLI"]
 
@@ -348,6 +349,7 @@ def _run_cli(args: list[str], defaults: list[str]) -> SVHNCLI:
         SVHNDataModule,
         args=args,
         save_config_callback=SaveConfigOnce,
+        trainer_class=Trainer,  # Lightning's, with precision: auto
         seed_everything_default=42,
         parser_kwargs={sub: {"default_config_files": defaults} for sub in _SUBCOMMANDS},
         trainer_defaults={

@@ -1,0 +1,67 @@
+"""Which precision is fast on this machine: ``precision: auto`` (``svhn.fit``,
+``svhn.predict --precision auto``) and the notice when bf16 would run emulated.
+
+bf16 autocast is 2-3x faster than float32 on CPUs with AVX512-BF16 or AMX and on GPUs with
+bf16 (Ampere and newer); on a CPU without them PyTorch emulates bf16 and a training step
+runs 15-30x slower than in float32 (docs/performance.md). A recipe that hard-codes
+``bf16-mixed`` is then the slowest choice, so the recipes ask for ``auto``. An explicit
+precision is always used as given.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+__all__ = ["AUTO", "auto_precision", "cpu_bf16_flags", "emulated_bf16_notice"]
+
+AUTO = "auto"
+# /proc/cpuinfo flags of the instructions that make bf16 fast on a CPU
+_CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_bf16_flags(cpuinfo: Path = _CPUINFO) -> list[str]:
+    """The bf16 instruction flags this CPU reports (empty where it has none, or where the
+    OS does not say: not Linux)."""
+    if not cpuinfo.is_file():
+        return []
+    for line in cpuinfo.read_text(errors="replace").splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return [flag for flag in _CPU_BF16_FLAGS if flag in flags]
+    return []
+
+
+def _on_cuda(accelerator: str) -> bool:
+    return accelerator in ("cuda", "gpu") or (accelerator == "auto"
+                                              and torch.cuda.is_available())
+
+
+def auto_precision(accelerator: str = "auto") -> tuple[str, str]:
+    """What ``precision: auto`` means on this machine for ``accelerator`` (as the Trainer
+    takes it): the precision and a sentence saying why."""
+    if _on_cuda(accelerator):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16-mixed", "this GPU computes bf16 natively"
+        return "16-mixed", "this GPU has no fast bf16; float16 autocast with loss scaling"
+    if accelerator not in ("cpu", "auto"):
+        return "32-true", f"accelerator {accelerator!r}: float32, which every device has"
+    flags = cpu_bf16_flags()
+    if flags:
+        return "bf16-mixed", f"this CPU has {' and '.join(flags)}"
+    where = "this CPU has no AVX512-BF16 or AMX" if _CPUINFO.is_file() else \
+        f"this {platform.system()} machine does not say whether its CPU has fast bf16"
+    return "32-true", f"{where}: bf16 would be emulated, many times slower than float32"
+
+
+def emulated_bf16_notice(precision: str, accelerator: str = "auto", *, fix: str) -> str | None:
+    """A sentence ending in ``fix`` when ``precision`` asks for bf16 on a CPU that would
+    emulate it; else None. Said, never acted on: the precision asked for is the one used."""
+    if not str(precision).startswith("bf16") or _on_cuda(accelerator) \
+            or accelerator not in ("cpu", "auto") or cpu_bf16_flags():
+        return None
+    return f"bf16 on this CPU (no AVX512-BF16 or AMX) is emulated, many times slower than " \
+           f"float32: {fix}"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["AUTO", "auto_precision", "cpu_bf16_flags", "emulated_bf16_notice"]
+__all__ = ["AUTO", "auto_precision", "cpu_bf16_flags", "cpuinfo_value", "emulated_bf16_notice"]
 
 AUTO = "auto"
 # /proc/cpuinfo flags of the instructions that make bf16 fast on a CPU
@@ -23,21 +23,33 @@ _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 _CPUINFO = Path("/proc/cpuinfo")
 
 
+def cpuinfo_value(key: str, cpuinfo: Path = _CPUINFO) -> str | None:
+    """The first CPU's ``key`` field in /proc/cpuinfo (``model name``, ``flags``, ...); None
+    where there is none (not Linux). Stops reading at that line."""
+    if not cpuinfo.is_file():
+        return None
+    with cpuinfo.open(errors="replace") as lines:
+        for line in lines:
+            name, _, value = line.partition(":")
+            if name.strip() == key:
+                return value.strip()
+    return None
+
+
 def cpu_bf16_flags(cpuinfo: Path = _CPUINFO) -> list[str]:
     """The bf16 instruction flags this CPU reports (empty where it has none, or where the
     OS does not say: not Linux)."""
-    if not cpuinfo.is_file():
-        return []
-    for line in cpuinfo.read_text(errors="replace").splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[-1].split())
-            return [flag for flag in _CPU_BF16_FLAGS if flag in flags]
-    return []
+    flags = set((cpuinfo_value("flags", cpuinfo) or "").split())
+    return [flag for flag in _CPU_BF16_FLAGS if flag in flags]
 
 
 def _on_cuda(accelerator: str) -> bool:
     return accelerator in ("cuda", "gpu") or (accelerator == "auto"
                                               and torch.cuda.is_available())
+
+
+def _on_cpu(accelerator: str) -> bool:
+    return accelerator in ("cpu", "auto") and not _on_cuda(accelerator)
 
 
 def auto_precision(accelerator: str = "auto") -> tuple[str, str]:
@@ -47,7 +59,7 @@ def auto_precision(accelerator: str = "auto") -> tuple[str, str]:
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return "bf16-mixed", "this GPU computes bf16 natively"
         return "16-mixed", "this GPU has no fast bf16; float16 autocast with loss scaling"
-    if accelerator not in ("cpu", "auto"):
+    if not _on_cpu(accelerator):
         return "32-true", f"accelerator {accelerator!r}: float32, which every device has"
     flags = cpu_bf16_flags()
     if flags:
@@ -60,8 +72,7 @@ def auto_precision(accelerator: str = "auto") -> tuple[str, str]:
 def emulated_bf16_notice(precision: str, accelerator: str = "auto", *, fix: str) -> str | None:
     """A sentence ending in ``fix`` when ``precision`` asks for bf16 on a CPU that would
     emulate it; else None. Said, never acted on: the precision asked for is the one used."""
-    if not str(precision).startswith("bf16") or _on_cuda(accelerator) \
-            or accelerator not in ("cpu", "auto") or cpu_bf16_flags():
+    if not str(precision).startswith("bf16") or not _on_cpu(accelerator) or cpu_bf16_flags():
         return None
     return f"bf16 on this CPU (no AVX512-BF16 or AMX) is emulated, many times slower than " \
            f"float32: {fix}"

@@ -67,6 +67,7 @@ from svhn.inference.predictor import PRECISIONS
 from svhn.model.backbones import IMAGENET_MEAN, IMAGENET_STD
 from svhn.model.reader import DigitReader
 from svhn.model.training import DigitSequenceModel
+from svhn.precision import cpuinfo_value
 
 __all__ = ["autocast", "AUTOCAST_DTYPES", "BACKBONE_RATIOS", "batch_images", "BenchConfig",
            "benchmark_backbone", "build_datamodule", "build_model", "capped_batches",
@@ -534,12 +535,7 @@ def cores_to_feed(model_rate: float, per_core_rate: float) -> int:
 
 
 def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return cpuinfo_value("model name") or platform.processor() or platform.machine()
 
 
 def describe_environment(cfg: BenchConfig, device: torch.device, data_dir: Path,

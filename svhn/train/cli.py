@@ -28,7 +28,6 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_only
 
 from svhn.console import framed, quiet_libraries
 from svhn.data.datamodule import SVHNDataModule
@@ -48,7 +47,7 @@ from svhn.train.resume import (
 from svhn.train.run_dir import RunDir
 from svhn.train.run_summary import final_checkpoint, not_held_out_message, val_is_held_out
 from svhn.train.time_budget import TimeBudget
-from svhn.train.trainer import Trainer
+from svhn.train.trainer import Trainer, rank_zero_print
 
 __all__ = ["build_cli", "final_summary", "main", "SaveConfigOnce", "SVHNCLI"]
 
@@ -205,7 +204,7 @@ class SVHNCLI(LightningCLI):
             self.trainer.callbacks.insert(0, self.resume_check)
         data = self.datamodule.hparams
         if not val_is_held_out(data.train_on, data.val_on):
-            _rank_zero_print("\n" + not_held_out_message(data.train_on, data.val_on) + "\n")
+            rank_zero_print("\n" + not_held_out_message(data.train_on, data.val_on) + "\n")
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -273,11 +272,6 @@ def final_summary(trainer, model: DigitSequenceModel, datamodule: SVHNDataModule
 
 def _score(value) -> str:
     return "n/a" if value is None else f"{float(value):.4f}"
-
-
-@rank_zero_only
-def _rank_zero_print(message: str) -> None:
-    print(message, flush=True)
 
 
 def build_cli(args: list[str] | None = None) -> SVHNCLI:

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from svhn.precision import AUTO, auto_precision, emulated_bf16_notice
 
-__all__ = ["Trainer"]
+__all__ = ["rank_zero_print", "Trainer"]
 
 
 class Trainer(pl.Trainer):
@@ -23,16 +23,17 @@ class Trainer(pl.Trainer):
         accelerator = str(kwargs.get("accelerator", "auto"))
         if precision == AUTO:
             precision, why = auto_precision(accelerator)
-            _say(f"Precision: {precision} (auto: {why}).")
+            rank_zero_print(f"Precision: {precision} (auto: {why}).")
         elif precision is not None:
             notice = emulated_bf16_notice(str(precision), accelerator,
                                           fix="--trainer.precision auto (or 32-true) trains "
                                               "in float32.")
             if notice:
-                _say(notice)
+                rank_zero_print(notice)
         super().__init__(precision=precision, **kwargs)
 
 
 @rank_zero_only
-def _say(message: str) -> None:
+def rank_zero_print(message: str) -> None:
+    """Print once, from the process of rank 0 (every rank builds a Trainer)."""
     print(message, flush=True)

@@ -8,17 +8,19 @@
 #      recipe on the GPU, timed, then the gated zoom search against the full one on val;
 #   3. one summary: $OUT/gpu_check.json and $OUT/gpu_check.md.
 # Usage: [SVHN_DATA_DIR=../shared/data/mchar] [OUT=gpu_check] scripts/gpu_check.sh
+# python3 throughout: GPU images often have no plain `python` (the H200 of 2026-12-04 had
+# none). Its run there took 4 minutes: docs/performance.md.
 set -euo pipefail
 OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"
-python - <<'PY'
+python3 - <<'PY'
 import sys, torch
 if not torch.cuda.is_available():
     sys.exit("gpu_check: no CUDA device visible to torch; run it on a GPU machine.")
 print("gpu_check on", torch.cuda.get_device_name(0), "torch", torch.__version__, flush=True)
 PY
 start=$(date +%s)
-timeout 240 python -m svhn.bench --device cuda --backbones resnet18 resnet50 \
+timeout 240 python3 -m svhn.bench --device cuda --backbones resnet18 resnet50 \
     --precision bf16-mixed --channels_last --augment zoom --batch_size 256 --max_batches 10 \
     --repeats 2 --synthetic_dir "$OUT/bench_synthetic" --json --out "$OUT/bench.json" \
     > /dev/null 2> "$OUT/bench.txt"  # the JSON to the file, the table to bench.txt
@@ -26,16 +28,16 @@ bench_s=$(( $(date +%s) - start ))
 fit_s=""; ckpt=""
 if [ -n "${SVHN_DATA_DIR:-}" ] && [ -d "$SVHN_DATA_DIR/mchar_train" ]; then
     start=$(date +%s)
-    timeout 150 python -m svhn.fit --config configs/real_cpu.yaml --config configs/gpu_full.yaml \
+    timeout 150 python3 -m svhn.fit --config configs/real_cpu.yaml --config configs/gpu_full.yaml \
         --data.data_dir "$SVHN_DATA_DIR" --trainer.max_epochs 3 \
         --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.name gpu_check \
         > "$OUT/fit.log" 2>&1
     fit_s=$(( $(date +%s) - start ))
     ckpt=$(ls -t "$OUT"/runs/gpu_check/version_*/checkpoints/epoch*.ckpt | head -1)
-    timeout 90 python -m svhn.bench --search "$ckpt" --data_dir "$SVHN_DATA_DIR" --split val \
+    timeout 90 python3 -m svhn.bench --search "$ckpt" --data_dir "$SVHN_DATA_DIR" --split val \
         --device cuda --json --out "$OUT/search.json" > /dev/null 2> "$OUT/search.txt"
 fi
-BENCH_S=$bench_s FIT_S=$fit_s CKPT=$ckpt python - "$OUT" <<'PY'
+BENCH_S=$bench_s FIT_S=$fit_s CKPT=$ckpt python3 - "$OUT" <<'PY'
 import json, os, sys
 from pathlib import Path
 out = Path(sys.argv[1])

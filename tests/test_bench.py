@@ -12,6 +12,7 @@ import json
 import math
 import os
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,8 +243,10 @@ def test_the_gpu_check_script_parses_and_says_why_it_cannot_run_without_a_gpu(tm
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: run the script itself")
+    # The script calls python3: this interpreter's, as in an activated environment.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     done = subprocess.run(["bash", str(script)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "OUT": str(tmp_path / "out")})
+                          env={**os.environ, "OUT": str(tmp_path / "out"), "PATH": path})
     assert done.returncode != 0
     assert "no CUDA device visible to torch" in done.stderr
     assert not (tmp_path / "out" / "bench.json").exists()  # nothing measured, nothing faked

@@ -86,10 +86,14 @@ def _batch(size: int = 4, height: int = 64, width: int = 128) -> dict[str, torch
 def test_the_zoom_search_runs_on_the_device_without_waiting_for_it(fake_cuda, head):
     reader = _moved_to_cuda(lambda: DigitReader(**READER, head=head, search_gate=1.0).eval())
     images = _on_cuda(lambda: _batch()["image"])
+    reads, read = [], reader.read
+    reader.read = lambda crops: reads.append(len(crops)) or read(crops)
     with torch.no_grad():
         out = reader(images)
     assert out["chain_logits"].shape == (4, 29, 3, 11)
     assert all(value.device == CUDA for value in out.values())
+    # On the device the 29 chains run side by side: one read per zoom step.
+    assert reads == [4] + [4 * 29] * READER["zoom_steps"]
 
 
 def _giou_loss_without_masks(boxes, targets, reduction="none", eps=1e-7):

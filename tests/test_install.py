@@ -139,3 +139,22 @@ def _files(root: Path) -> set[Path]:
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def test_importing_the_project_asks_no_server_for_albumentations_updates():
+    # On an offline GPU machine the check waited and printed a warning in every command.
+    code = """
+import urllib.request
+asked = []
+def offline(self, url, *args, **kwargs):
+    asked.append(getattr(url, "full_url", url))
+    raise OSError("offline")
+urllib.request.OpenerDirector.open = offline
+import svhn.data.transforms
+assert not asked, asked
+"""
+    env = {key: value for key, value in os.environ.items()
+           if key != "NO_ALBUMENTATIONS_UPDATE"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -31,6 +31,41 @@ def test_crop_boxes_cuts_out_the_box_and_resamples_it():
     assert crops[1].abs().max().item() == 0.0  # an empty image stays empty
 
 
+def test_crop_boxes_with_image_rows_cuts_many_boxes_from_one_image():
+    images = torch.rand(2, 3, 40, 80)
+    boxes = torch.tensor([[0.1, 0.2, 0.6, 0.9], [0.3, 0.0, 0.8, 0.5], [0.0, 0.1, 0.5, 0.6]])
+    rows = torch.tensor([1, 1, 0])
+    crops = crop_boxes(images, boxes, 0.1, (16, 32), image_rows=rows)
+    one_by_one = crop_boxes(images[rows], boxes, 0.1, (16, 32))
+    torch.testing.assert_close(crops, one_by_one)
+
+
+# All 4 chains in one read (a GPU's default) / 2 chains a read / one (a CPU's default).
+@pytest.mark.parametrize("crops_per_read, reads_per_step", [(2048, 1), (5, 2), (None, 4)])
+def test_zoom_chains_side_by_side_equal_the_chains_one_by_one(crops_per_read,
+                                                              reads_per_step):
+    torch.manual_seed(0)
+    reader = DigitReader(backbone="resnet18d", max_len=3, head="detector", box_head=True,
+                         char_boxes=True, zoom_from="digits", zoom_steps=2,
+                         image_size=(32, 64), zoom_search=True).eval()
+    reader.search_crops_per_read = crops_per_read
+    images = reader.normalize(torch.randint(0, 255, (2, 3, 64, 128), dtype=torch.uint8))
+    starts = [torch.tensor([[0.1, 0.2, 0.6, 0.9], [0.0, 0.0, 1.0, 1.0]]),
+              *reader.window_starts(2, [0, 13, 26])]
+    reads = []
+    original = reader.read
+    reader.read = lambda crops: reads.append(len(crops)) or original(crops)
+    with torch.no_grad():
+        together = reader.zoom_chains(images, starts)
+        assert reads == [8 // reads_per_step] * (2 * reads_per_step)  # 2 zoom steps
+        alone = [reader.zoom_chain(images, start) for start in starts]
+    assert len(together) == len(starts)
+    for side_by_side, own in zip(together, alone, strict=True):
+        assert side_by_side.keys() == own.keys() == {"logits", "box", "char_boxes"}
+        for key in own:
+            torch.testing.assert_close(side_by_side[key], own[key], atol=1e-4, rtol=1e-4)
+
+
 def test_uint8_batches_are_normalised_with_the_backbone_s_statistics():
     pixels = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     resnet = DigitReader(backbone="resnet18")
@@ -331,6 +366,7 @@ def test_zoom_search_answers_with_the_chain_the_vote_picks():
         return {"logits": logits, "box": start, "char_boxes": start[:, None].expand(-1, 3, 4)}
 
     reader.zoom_chain = fake_chain
+    _chain_by_chain(reader)
     images = torch.randint(0, 255, (2, 3, 64, 128), dtype=torch.uint8)
     with torch.no_grad():
         out = reader(images)
@@ -370,7 +406,15 @@ def test_validation_reads_one_chain_even_when_the_reader_searches():
     reads.clear()
     with torch.no_grad():
         model.reader(batch["image"])
-    assert len(reads) == 1 + 29 * 2  # predicting: every chain
+    # Predicting: every chain, on a CPU one chain at a time.
+    assert reads == [2] * (1 + 29 * 2)
+
+
+def _chain_by_chain(reader: DigitReader) -> None:
+    """The search's batched ``zoom_chains`` as one ``reader.zoom_chain`` call per start, so
+    a fake chain sees (and records) each chain on its own."""
+    reader.zoom_chains = lambda images, starts: [reader.zoom_chain(images, start)
+                                                 for start in starts]
 
 
 def _gated_reader(gate: float) -> tuple[DigitReader, list[int]]:
@@ -394,6 +438,7 @@ def _gated_reader(gate: float) -> tuple[DigitReader, list[int]]:
         return {"logits": logits, "box": box, "char_boxes": box[:, None].expand(-1, 3, 4)}
 
     reader.zoom_chain = fake_chain
+    _chain_by_chain(reader)
     return reader, sizes
 
 
@@ -480,6 +525,7 @@ def _two_step_reader(majority: float | None) -> tuple[DigitReader, list[int]]:
         return {"logits": logits, "box": box, "char_boxes": box[:, None].expand(-1, 3, 4)}
 
     reader.zoom_chain = fake_chain
+    _chain_by_chain(reader)
     return reader, sizes
 
 

@@ -24,10 +24,15 @@ Presets:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import albumentations as A
+# No network call on import: albumentations asks PyPI for a newer version each time it is
+# imported, which on an offline machine (a GPU node, say) waits up to 2 s and prints a
+# warning in every command. Set it to 0 to have the check back.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402
 import cv2
 from albumentations.pytorch import ToTensorV2
 

@@ -67,14 +67,19 @@ def box_from_crop(boxes: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
 
 
 def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, margin: float,
-               output_size: tuple[int, int], min_size: float = 0.1) -> torch.Tensor:
+               output_size: tuple[int, int], min_size: float = 0.1,
+               image_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Crop each image around its normalised (x0, y0, x1, y1) box, grown by ``margin`` of
-    its size per side, and resample the crop to ``output_size`` (bilinear)."""
+    its size per side, and resample the crop to ``output_size`` (bilinear). With
+    ``image_rows`` (N,), box i is cut from image ``image_rows[i]``: N crops, many from one
+    image, with no copy of the images."""
     height, width = images.shape[-2:]
     x0, y0, x1, y1 = crop_region(boxes, margin, min_size).unbind(1)
     # Scaled by Python numbers: a (4,) scale tensor would be a host-to-device copy on every
     # crop, and the zoom search cuts 29 per step.
-    index = torch.arange(len(images), device=images.device, dtype=torch.float32)
+    index = torch.arange(len(images), device=images.device) if image_rows is None else \
+        image_rows
+    index = index.to(torch.float32)
     rois = torch.stack([index, x0 * width, y0 * height, x1 * width, y1 * height],
                        dim=1).to(images.dtype)
     return roi_align(images, rois, output_size=tuple(output_size), spatial_scale=1.0,

@@ -47,6 +47,11 @@ _SEARCH_SIZES = ((0.7, 0.8), (0.5, 0.6), (0.3, 0.45))
 # (indices into search_windows(), which is size by size).
 FIRST_WINDOWS = tuple(range(len(_SEARCH_CENTRES[0]) * len(_SEARCH_CENTRES[1]),
                              2 * len(_SEARCH_CENTRES[0]) * len(_SEARCH_CENTRES[1])))
+# On a GPU the search's chains run side by side, their crops read as one batch per zoom
+# step, at most this many crops per read (to bound the memory): one chain at a time, the
+# gated search ran 0.7x as fast as the full one on an H200 (docs/performance.md). On a
+# CPU one chain at a time: reads of 2,048 crops were 10 % slower there.
+SEARCH_CROPS_PER_READ = 2048
 
 
 class DigitHeads(nn.Module):
@@ -200,6 +205,9 @@ class DigitReader(nn.Module):
         self.zoom_search = zoom_search
         self.search_gate = search_gate
         self.search_majority = search_majority
+        # Crops per read of the search (None: SEARCH_CROPS_PER_READ on an accelerator, one
+        # chain's on a CPU); not a hyper-parameter: it changes the speed, not the answer.
+        self.search_crops_per_read: int | None = None
         self.channels_last = channels_last
         self.detector: DetectionHead | None = None
         if head == "detector":
@@ -307,31 +315,59 @@ class DigitReader(nn.Module):
         digits = torch.cat([low, high], 1)
         return torch.where(is_digit.any(1), digits, box)
 
-    def zoom_chain(self, images: torch.Tensor, box: torch.Tensor) -> dict[str, torch.Tensor]:
+    def zoom_chain(self, images: torch.Tensor, box: torch.Tensor,
+                   image_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``zoom_steps`` crop reads of normalised full-size ``images``, the first cut around
         ``box``, each next one around the box the last read found: the last read's
-        ``logits``, its ``box`` and ``char_boxes`` in whole-image coordinates."""
+        ``logits``, its ``box`` and ``char_boxes`` in whole-image coordinates. With
+        ``image_rows`` (N,), box i is cut from image ``image_rows[i]`` (N chains)."""
         for _ in range(self.zoom_steps):
             region = crop_region(box, self.zoom_margin)
-            out = self.read(crop_boxes(images, box, self.zoom_margin, self.image_size))
+            out = self.read(crop_boxes(images, box, self.zoom_margin, self.image_size,
+                                       image_rows=image_rows))
             box = box_from_crop(self.zoom_box(out), region)
         result = {"logits": out["logits"], "box": box}
         if "char_boxes" in out:
             result["char_boxes"] = box_from_crop(out["char_boxes"].float(), region)
         return result
 
-    def search(self, images: torch.Tensor, out: dict[str, torch.Tensor],
-               first: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The zoom search, spent where it is unsure: a second chain from the box head's
-        box for every image, then 27 more chains from ``search_windows()`` and the vote
-        (``voted_chain``) over all 29 only on the images ``unsure`` picks (every image when
-        ``search_gate`` is 1: the full search). ``searched`` (B,) says which."""
-        second = self.zoom_chain(images, out["box"].float())  # from the box head's box
-        if self.search_gate >= 1:  # the full search: no gate, no host sync
-            result = voted_chain([first, second] + self.window_chains(images))
+    def zoom_chains(self, images: torch.Tensor, starts: list[torch.Tensor]
+                    ) -> list[dict[str, torch.Tensor]]:
+        """A zoom chain on ``images`` from each of ``starts`` ((B, 4) boxes), as
+        ``zoom_chain`` would give them one by one, run side by side: one read per zoom
+        step for up to ``search_crops_per_read`` crops."""
+        batch = len(images)
+        crops = self.search_crops_per_read
+        if crops is None:
+            crops = batch if images.device.type == "cpu" else SEARCH_CROPS_PER_READ
+        per_read = max(1, crops // max(batch, 1))
+        rows = torch.arange(batch, device=images.device)
+        chains = []
+        for first in range(0, len(starts), per_read):
+            group = starts[first:first + per_read]
+            together = self.zoom_chain(images, torch.cat([box.float() for box in group]),
+                                       image_rows=rows.repeat(len(group)))
+            parts = {key: value.unflatten(0, (len(group), batch)).unbind(0)
+                     for key, value in together.items()}
+            chains += [{key: value[i] for key, value in parts.items()}
+                       for i in range(len(group))]
+        return chains
+
+    def search(self, images: torch.Tensor, out: dict[str, torch.Tensor]
+               ) -> dict[str, torch.Tensor]:
+        """The zoom search, spent where it is unsure: a first chain from the digits read
+        (``zoom_box``) and a second from the box head's box for every image, then 27 more
+        chains from ``search_windows()`` and the vote (``voted_chain``) over all 29 only on
+        the images ``unsure`` picks (every image when ``search_gate`` is 1: the full
+        search). ``searched`` (B,) says which."""
+        starts = [self.zoom_box(out), out["box"].float()]
+        if self.search_gate >= 1:  # the full search: no gate, no host sync, one batch
+            result = voted_chain(self.zoom_chains(images, starts + self.window_starts(
+                len(images))))
             result["searched"] = torch.ones(len(images), dtype=torch.bool,
                                             device=images.device)
             return result
+        first, second = self.zoom_chains(images, starts)
         # The gate's host sync: how many images to search decides the work (the two-step
         # search has one more, for how many go on).
         rows = self.unsure(first, second).nonzero().squeeze(1)
@@ -378,9 +414,15 @@ class DigitReader(nn.Module):
                       ) -> list[dict[str, torch.Tensor]]:
         """A zoom chain from each of ``search_starts`` (the buffer of ``search_windows()``),
         or from those at ``windows`` (indices)."""
+        return self.zoom_chains(images, self.window_starts(len(images), windows))
+
+    def window_starts(self, batch: int, windows: Sequence[int] | None = None
+                      ) -> list[torch.Tensor]:
+        """The (batch, 4) start of each of the search's windows (all, or those at
+        ``windows``)."""
         starts = self.search_starts if windows is None else \
             [self.search_starts[index] for index in windows]  # no index tensor to copy over
-        return [self.zoom_chain(images, window.expand(len(images), 4)) for window in starts]
+        return [window.expand(batch, 4) for window in starts]
 
     def unsure(self, first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
                ) -> torch.Tensor:
@@ -406,11 +448,10 @@ class DigitReader(nn.Module):
         out = self.read(whole)
         if not self.zoom_steps or self.training:
             return out
-        first = self.zoom_chain(images, self.zoom_box(out))
         if self.zoom_search if search is None else search:
-            result = self.search(images, out, first)
+            result = self.search(images, out)
         else:
-            result = first
+            result = self.zoom_chain(images, self.zoom_box(out))
         result["first_pass_logits"] = out["logits"]
         return result
 

@@ -250,3 +250,24 @@ def test_the_gpu_check_script_parses_and_says_why_it_cannot_run_without_a_gpu(tm
     assert done.returncode != 0
     assert "no CUDA device visible to torch" in done.stderr
     assert not (tmp_path / "out" / "bench.json").exists()  # nothing measured, nothing faked
+
+
+@pytest.mark.parametrize("steady, batches, rate", [
+    (False, 4, 4 * 8 / 8.0),  # the whole epoch: the slow first batch counts
+    (True, 4, 3 * 8 / 3.0),  # after the first batch: the steady state
+    (True, 1, 1 * 8 / 5.0),  # one batch only: nothing after it, the epoch timed whole
+])
+def test_the_epoch_timer_leaves_the_first_batch_out_when_steady(monkeypatch, steady, batches,
+                                                                rate):
+    # The clock: the epoch starts at 0, the first batch (the workers' start) ends at 5,
+    # each later one 1 s after the last; the epoch ends with its last batch.
+    now = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    timer = bench.EpochTimer(torch.device("cpu"), steady=steady)
+    batch = {"image": torch.zeros(8, 3, 4, 4)}
+    timer.on_train_epoch_start(None, None)
+    for index in range(batches):
+        now[0] = 5.0 + index
+        timer.on_train_batch_end(None, None, None, batch, index)
+    timer.on_train_epoch_end(None, None)
+    assert timer.rates == [pytest.approx(rate)]

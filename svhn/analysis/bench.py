@@ -13,10 +13,12 @@ every pass capped at ``--max_batches`` batches:
 - model alone: forward + backward + optimizer step on a batch already on the device (the
   upper bound for training); with ``--compile`` also in eager mode, to show the gain;
 - end to end: a real ``lightning.Trainer.fit`` train epoch (no validation, no checkpoints),
-  with the preset on the CPU (albumentations) and on the device (``augment_on`` cpu/device);
+  with the preset on the CPU (albumentations) and on the device (``augment_on`` cpu/device),
+  timed from the end of its first batch to its last (the steady state: the loader workers'
+  start and the first batch are left out, as the model alone's warm-up is);
 - predict: ``svhn.inference.predictor``'s prediction path (the one ``svhn.predict`` uses: the data
-  module's predict loader and ``Trainer.predict``), timed from the first batch to the last:
-  no checkpoint loading or Trainer set-up;
+  module's predict loader and ``Trainer.predict``), timed likewise from the end of the
+  first batch to the last: no checkpoint loading, Trainer set-up or workers' start;
 - tutorial pipeline / tutorial predict: the competition tutorial's way on the same files
   (PIL decode + torchvision transforms per item, batch 40) as the reference.
 
@@ -387,31 +389,45 @@ def measure_model_alone(backbone: str, cfg: BenchConfig, device: torch.device) -
 
 
 class EpochTimer(Callback):
-    """Images/s of each train or predict epoch (epoch start to epoch end hooks)."""
+    """Images/s of each train or predict epoch (epoch start to epoch end hooks). ``steady``
+    times from the end of each epoch's first batch instead: the loader workers' start and
+    the first batch left out, as the model alone is timed after its warm-up (on a GPU they
+    can be most of a 10-batch epoch); an epoch of one batch is then timed whole."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, steady: bool = False):
         self.device = device
+        self.steady = steady
         self.rates: list[float] = []
-        self._start = 0.0
-        self._images = 0
+        self._start = self._epoch_start = 0.0
+        self._images = self._first_images = 0
+        self._timing = False
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(self.device)
-        self._start, self._images = time.perf_counter(), 0
+        self._start = self._epoch_start = time.perf_counter()
+        self._images, self._timing = 0, not self.steady
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._images += len(batch_images(batch))
+        if self._timing:
+            self._images += len(batch_images(batch))
+            return
+        synchronize(self.device)  # the first batch of a steady timing: the clock starts
+        self._start, self._timing = time.perf_counter(), True
+        self._first_images = len(batch_images(batch))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(self.device)
-        self.rates.append(self._images / (time.perf_counter() - self._start))
+        if self._images:
+            self.rates.append(self._images / (time.perf_counter() - self._start))
+        else:  # one batch only: nothing after it to time
+            self.rates.append(self._first_images / (time.perf_counter() - self._epoch_start))
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.on_train_epoch_start(trainer, pl_module)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                              dataloader_idx: int = 0) -> None:
-        self._images += len(batch_images(batch))
+        self.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.on_train_epoch_end(trainer, pl_module)
@@ -424,14 +440,14 @@ def measure_end_to_end_turns(backbone: str, cfg: BenchConfig,
     on the device), taking turns epoch by epoch, so that a shared machine's changing load
     falls on both alike: one fit of one epoch per turn, on the same model; the first turn
     is the warm-up. The later data modules' measurements keep ``paired``: their ratios to
-    the first's epoch of the same turn (with loader workers, each epoch includes their
-    start)."""
+    the first's epoch of the same turn. Each epoch is timed after its first batch
+    (``EpochTimer`` steady): a new fit starts its loader workers again."""
     model = DigitSequenceModel(backbone=backbone, channels_last=cfg.channels_last,
                                compile=cfg.compile)
     rates: dict[str, list[float]] = {name: [] for name in datamodules}
     for turn in range(cfg.repeats + 1):
         for name, datamodule in datamodules.items():
-            timer = EpochTimer(device)
+            timer = EpochTimer(device, steady=True)
             trainer = L.Trainer(
                 accelerator=accelerator_for(device), devices=1,
                 precision=cfg.precision, max_epochs=1, limit_train_batches=cfg.max_batches,
@@ -471,8 +487,9 @@ def tutorial_predict_pass(model: DigitReader, loader_factory: Callable[[], DataL
 
 def measure_our_predict(reader: DigitReader, datamodule: SVHNDataModule, cfg: BenchConfig,
                         device: torch.device) -> dict:
-    """``svhn.inference.predictor``'s path, one warm-up pass then ``repeats`` timed passes."""
-    timer = EpochTimer(device)
+    """``svhn.inference.predictor``'s path, one warm-up pass then ``repeats`` timed passes
+    (each after its first batch)."""
+    timer = EpochTimer(device, steady=True)
     trainer = predictor.build_trainer(
         accelerator=accelerator_for(device), precision=cfg.precision,
         callbacks=[timer], progress_bar=False, limit_batches=cfg.max_batches)

@@ -2,6 +2,8 @@
 fit, the run stopped there, and a resume that continues the shortened plan."""
 
 import math
+import random
+import statistics
 
 import pytest
 import torch
@@ -143,3 +145,63 @@ def test_a_budget_stops_a_run_without_an_end_or_a_schedule(easy_data_dir, easy_f
     run = easy_fit(easy_data_dir, tmp_path / "cache", tmp_path / "runs",
                    *_budget_args("--trainer.max_epochs", "-1", "--model.scheduler", "none"))
     assert torch.load(run.last, weights_only=True)["epoch"] == 2  # 3 epochs of 10 s in 35
+
+
+def _replans_over(monkeypatch, epoch_seconds: list[float], minutes: float,
+                  max_epochs: int) -> list[int]:
+    """The plans a budget re-sizes the schedule to, epoch by epoch, on a fake clock and a
+    fake trainer (one rank, no schedule)."""
+    from types import SimpleNamespace
+
+    now = [0.0]
+    monkeypatch.setattr(time_budget, "_now", lambda: now[0])
+    budget = TimeBudget(minutes=minutes)
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=max_epochs, global_step=0,
+                              should_stop=False, lr_scheduler_configs=[],
+                              strategy=SimpleNamespace(broadcast=lambda value, src: value))
+    plans = []
+    monkeypatch.setattr(TimeBudget, "_replan",
+                        lambda self, trainer, planned, done, per_epoch: plans.append(planned))
+    budget.on_train_start(trainer, None)
+    for epoch, seconds in enumerate(epoch_seconds):
+        trainer.current_epoch, trainer.global_step = epoch, 10 * (epoch + 1)
+        now[0] += seconds
+        budget.on_train_epoch_end(trainer, None)
+        if trainer.should_stop:
+            break
+    return plans
+
+
+def _wobbling_epochs(seed: int) -> list[float]:
+    """A GPU run's epoch times: a first epoch of 6 s (the workers' start), then 3.2-3.8 s."""
+    draw = random.Random(seed)
+    return [6.0] + [round(draw.uniform(3.2, 3.8), 2) for _ in range(44)]
+
+
+def test_epoch_times_that_wobble_do_not_resize_the_schedule_up_and_down(monkeypatch):
+    # As on the H200: 40 epochs planned, about 38 fit in the budget.
+    margin = time_budget.GROW_MARGIN
+
+    def runs(margin: float) -> list[list[int]]:
+        monkeypatch.setattr(time_budget, "GROW_MARGIN", margin)
+        return [_replans_over(monkeypatch, _wobbling_epochs(seed), 138 / 60, 40)
+                for seed in range(20)]
+
+    at_once, with_margin = runs(0.0), runs(margin)
+    assert sum(map(len, with_margin)) <= 0.6 * sum(map(len, at_once))
+    # ... and hardly an epoch lost: the plans end where they did, give or take one.
+    assert all(abs(a[-1] - b[-1]) <= 1 for a, b in zip(at_once, with_margin, strict=True))
+    assert statistics.mean(plans[-1] for plans in with_margin) >= 37.5
+
+
+def test_a_slow_first_epoch_does_not_hold_the_plan_down(monkeypatch):
+    # A 20 s first epoch (start-up), then 2 s epochs, 60 s: 20 more epochs fit after it.
+    plans = _replans_over(monkeypatch, [20.0] + [2.0] * 30, 1.0, 40)
+    assert plans[0] == 3  # after the first epoch alone: 2 more of its kind would fit
+    assert plans[1] >= 19 and plans[-1] in (20, 21)
+
+
+def test_a_plan_grows_back_when_epochs_get_clearly_faster(monkeypatch):
+    # 10 s epochs plan 10 of 20 in 100 s; then 2 s epochs: many more fit, and the plan grows.
+    plans = _replans_over(monkeypatch, [10.0] * 3 + [2.0] * 30, 100 / 60, 20)
+    assert plans[0] == 10 and max(plans) > 10

@@ -4,9 +4,10 @@ A one-cycle or cosine schedule is sized for ``max_epochs``. On a slower machine 
 one) those epochs take longer, and ``trainer.max_time`` then stops the run with the
 learning rate still high: the last, most useful part of the schedule, its anneal, is never
 run. ``TimeBudget`` re-plans after every epoch instead: the run gets the epochs that fit in
-the time left at the mean epoch time so far (at most ``max_epochs``), the schedule is
-re-sized to end with them, and the run stops there, after that epoch's validation and
-checkpoints. On a machine fast enough for ``max_epochs`` nothing changes.
+the time left at the mean epoch time so far (at most ``max_epochs``; after the first epoch,
+the mean of the epochs since, the first one holding the start-up), the schedule is re-sized
+to end with them, and the run stops there, after that epoch's validation and checkpoints.
+On a machine fast enough for ``max_epochs`` nothing changes.
 """
 
 from __future__ import annotations
@@ -56,12 +57,17 @@ def resize_schedule(scheduler: Any, total_steps: int) -> bool:
     return False
 
 
+# A plan grows back only to the epochs that fit with this share of an epoch to spare.
+GROW_MARGIN = 0.5
+
+
 class TimeBudget(Callback):
     """Fits the run's schedule, and its last epoch, into ``minutes`` of training.
 
     ``minutes`` None (the default) does nothing. Time counts from the start of training
     (after the data is set up), and a resumed run continues the count its checkpoint saved.
-    The plan may grow back (never past ``max_epochs``) if epochs get faster.
+    The plan may grow back (never past ``max_epochs``) if epochs get faster, by the epochs
+    that fit with half an epoch to spare (``GROW_MARGIN``).
     ``trainer.max_time`` is still the hard stop; set it a little above the budget.
     """
 
@@ -73,6 +79,9 @@ class TimeBudget(Callback):
         self.planned_epochs: int | None = None
         self.elapsed_before = 0.0  # training seconds of the run before this process resumed it
         self._started: float | None = None
+        # (epochs done, seconds) at the end of this process's first epoch, which also holds
+        # the start-up (workers, cuDNN's autotuning): later estimates leave it out.
+        self._first: tuple[int, float] | None = None
 
     @property
     def state_key(self) -> str:
@@ -98,10 +107,21 @@ class TimeBudget(Callback):
             return
         done = trainer.current_epoch + 1  # the epoch that just ended, validation included
         elapsed = self._elapsed()
-        per_epoch = elapsed / done
-        fit = max(0, math.floor((self.minutes * 60 - elapsed) / per_epoch))
+        if self._first is None:  # this process's first epoch: its start-up included
+            self._first, per_epoch = (done, elapsed), elapsed / done
+        else:  # the epochs since: what each further epoch will take
+            per_epoch = (elapsed - self._first[1]) / (done - self._first[0])
+        room = (self.minutes * 60 - elapsed) / per_epoch  # epochs that still fit
         most = trainer.max_epochs if (trainer.max_epochs or -1) > 0 else math.inf  # -1: no end
-        planned = int(max(done, min(most, done + fit)))
+        def plan(epochs_that_fit: float) -> int:
+            return int(max(done, min(most, done + max(0, math.floor(epochs_that_fit)))))
+
+        planned = plan(room)
+        if self.planned_epochs is not None and planned > self.planned_epochs:
+            # Grown back only to what fits with GROW_MARGIN of an epoch to spare: epoch
+            # times that wobble at a boundary (a GPU's 3-4 s) re-sized the schedule up and
+            # down every epoch.
+            planned = max(self.planned_epochs, plan(room - GROW_MARGIN))
         # Every process must stop at the same epoch: rank 0's clock decides.
         planned = int(trainer.strategy.broadcast(planned, src=0))
         if planned != (self.planned_epochs or most):

@@ -398,29 +398,26 @@ class EpochTimer(Callback):
         self.device = device
         self.steady = steady
         self.rates: list[float] = []
-        self._start = self._epoch_start = 0.0
-        self._images = self._first_images = 0
-        self._timing = False
+        self._epoch_start = 0.0
+        self._images = 0  # this epoch's, the first batch's included
+        self._first: tuple[float, int] | None = None  # (time, images) after the first batch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(self.device)
-        self._start = self._epoch_start = time.perf_counter()
-        self._images, self._timing = 0, not self.steady
+        self._epoch_start, self._images, self._first = time.perf_counter(), 0, None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._timing:
-            self._images += len(batch_images(batch))
-            return
-        synchronize(self.device)  # the first batch of a steady timing: the clock starts
-        self._start, self._timing = time.perf_counter(), True
-        self._first_images = len(batch_images(batch))
+        self._images += len(batch_images(batch))
+        if self.steady and self._first is None:  # a steady timing starts here
+            synchronize(self.device)
+            self._first = (time.perf_counter(), self._images)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(self.device)
-        if self._images:
-            self.rates.append(self._images / (time.perf_counter() - self._start))
-        else:  # one batch only: nothing after it to time
-            self.rates.append(self._first_images / (time.perf_counter() - self._epoch_start))
+        start, before = self._epoch_start, 0
+        if self._first is not None and self._images > self._first[1]:
+            start, before = self._first  # else one batch only: the epoch timed whole
+        self.rates.append((self._images - before) / (time.perf_counter() - start))
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.on_train_epoch_start(trainer, pl_module)

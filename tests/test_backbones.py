@@ -4,12 +4,14 @@ pretrained weights from a local file (through a fit to predict) or the hub, and 
 import pytest
 import timm
 import torch
+import yaml
 from helpers.runs import run_module, run_predict, short_fit_args
 
 from svhn.inference.checkpoints import load_reader
 from svhn.inference.submission import read_submission
 from svhn.model.backbones import TIMM_EXAMPLES, available_backbones, create_backbone
 from svhn.model.training import DigitSequenceModel
+from svhn.paths import CONFIGS_DIR
 
 
 @pytest.mark.parametrize("name", available_backbones())
@@ -138,3 +140,26 @@ def test_timm_args_with_a_local_weights_file_and_with_a_classic_backbone(tmp_pat
     assert model.drop_rate == 0.3
     with pytest.raises(ValueError, match="'simple_cnn' is not a timm model: drop timm_args"):
         create_backbone("simple_cnn", timm_args={"drop_path_rate": 0.1})
+
+
+def test_the_cpu_fp32_overlay_narrows_the_recipes_reader_and_a_checkpoint_keeps_it(tmp_path):
+    """configs/cpu_fp32.yaml on configs/real_cpu.yaml: the same detector recipe on a ResNet18-D
+    with half the channels (a third of the arithmetic per image, for CPUs without bf16)."""
+    recipe = yaml.safe_load((CONFIGS_DIR / "real_cpu.yaml").read_text())["model"]
+    overlay = yaml.safe_load((CONFIGS_DIR / "cpu_fp32.yaml").read_text())["model"]
+    full, narrow = (DigitSequenceModel(**args) for args in (recipe, {**recipe, **overlay}))
+
+    def size(model):
+        return sum(p.numel() for p in model.reader.backbone.parameters())
+
+    assert size(narrow) < size(full) / 3
+    body = narrow.reader.backbone  # the timm ResNet itself
+    assert body.conv1[0].out_channels == 16 and body.layer4[-1].conv2.out_channels == 256
+    path = tmp_path / "narrow.ckpt"
+    torch.save({"state_dict": narrow.state_dict(), "hyper_parameters": dict(narrow.hparams)},
+               path)
+    reader = load_reader(path)  # what svhn.predict reads: rebuilt at the same width
+    assert reader.backbone.layer4[-1].conv2.out_channels == 256
+    with torch.no_grad():
+        logits = reader(torch.rand(2, 3, 64, 128), search=False)["logits"]
+    assert logits.shape == (2, 5, 11)

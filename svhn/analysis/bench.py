@@ -113,6 +113,7 @@ class BenchConfig:
     synthetic_train: int = 2000
     synthetic_test: int = 1000
     backbones: list[str] = field(default_factory=lambda: ["simple_cnn", "resnet18"])
+    timm_args: dict | None = None  # as --model.timm_args: e.g. a narrower timm ResNet
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
     batch_size: int = 64
     num_workers: int | None = None
@@ -348,7 +349,8 @@ def accelerator_for(device: torch.device) -> str:
 
 def build_model(backbone: str, cfg: BenchConfig, device: torch.device) -> DigitReader:
     """A fresh reader on the device with the run's channels-last and compile settings."""
-    reader = DigitReader(backbone=backbone, channels_last=cfg.channels_last)
+    reader = DigitReader(backbone=backbone, channels_last=cfg.channels_last,
+                         timm_args=cfg.timm_args)
     reader.to(device).apply_memory_format()
     if cfg.compile:
         reader.compile_backbone()  # what DigitSequenceModel.configure_model does in a fit
@@ -440,7 +442,7 @@ def measure_end_to_end_turns(backbone: str, cfg: BenchConfig,
     the first's epoch of the same turn. Each epoch is timed after its first batch
     (``EpochTimer`` steady): a new fit starts its loader workers again."""
     model = DigitSequenceModel(backbone=backbone, channels_last=cfg.channels_last,
-                               compile=cfg.compile)
+                               compile=cfg.compile, timm_args=cfg.timm_args)
     rates: dict[str, list[float]] = {name: [] for name in datamodules}
     for turn in range(cfg.repeats + 1):
         for name, datamodule in datamodules.items():
@@ -617,7 +619,8 @@ def format_table(report: dict) -> str:
         f"image size: {cfg['image_size'][0]}x{cfg['image_size'][1]}, cache scale: "
         f"{cfg['cache_scale']:g}, batch: {cfg['batch_size']}, augment: {cfg['augment']}, "
         f"precision: {cfg['precision']}, channels_last: {cfg['channels_last']}, "
-        f"compile: {cfg['compile']}",
+        f"compile: {cfg['compile']}"
+        + (f", timm_args: {json.dumps(cfg['timm_args'])}" if cfg.get("timm_args") else ""),
         f"median of {cfg['repeats']} runs after a warm-up, each capped at "
         f"{cfg['max_batches']} batches; images/s",
         "",
@@ -742,6 +745,19 @@ def _run_measurements(cfg: BenchConfig) -> dict:
     return report
 
 
+def _json_object(text: str) -> dict:
+    """A JSON object from the command line; argparse turns the error into a usage line
+    naming the option."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object ({{\"name\": value, ...}}): "
+                                         f"{text}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
     """The run's settings, and where its report goes (``json``, ``out``)."""
     defaults = BenchConfig()
@@ -754,6 +770,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
     parser.add_argument("--synthetic_test", type=int, default=defaults.synthetic_test)
     parser.add_argument("--backbones", nargs="*", default=defaults.backbones,
                         help="models to measure (none: the data rows and stages only)")
+    parser.add_argument("--timm_args", type=_json_object, default=None,
+                        help="arguments for timm.create_model, as fit's --model.timm_args "
+                             "(JSON), e.g. '{\"channels\": [32, 64, 128, 256], "
+                             "\"stem_width\": 16}' (configs/cpu_fp32.yaml)")
     parser.add_argument("--image_size", type=int, nargs=2, default=defaults.image_size,
                         metavar=("H", "W"))
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)

@@ -273,13 +273,16 @@ def test_the_epoch_timer_leaves_the_first_batch_out_when_steady(monkeypatch, ste
     assert timer.rates == [pytest.approx(rate)]
 
 
-def test_timm_args_reach_the_benched_reader_and_bad_json_is_a_usage_error(capsys) -> None:
-    narrow = '{"channels": [32, 64, 128, 256], "stem_width": 16}'  # configs/cpu_fp32.yaml
-    cfg, _ = bench.parse_args(["--backbones", "resnet18d", "--timm_args", narrow])
-    assert cfg.timm_args == {"channels": [32, 64, 128, 256], "stem_width": 16}
+def test_timm_args_reach_the_benched_reader_written_as_fit_takes_them(capsys) -> None:
+    narrow = {"channels": [32, 64, 128, 256], "stem_width": 16}  # configs/cpu_fp32.yaml
+    # JSON, and YAML's flow form as `svhn.fit --model.timm_args` and the README write it
+    for text in ('{"channels": [32, 64, 128, 256], "stem_width": 16}',
+                 "{channels: [32, 64, 128, 256], stem_width: 16}"):
+        cfg, _ = bench.parse_args(["--backbones", "resnet18d", "--timm_args", text])
+        assert cfg.timm_args == narrow
     body = bench.build_model("resnet18d", cfg, torch.device("cpu")).backbone  # the timm ResNet
     assert body.conv1[0].out_channels == 16 and body.layer4[-1].conv2.out_channels == 256
-    for bad in ("{channels: [32]}", "[32, 64]"):
+    for bad in ("{channels: [32}", "[32, 64]", "16"):
         with pytest.raises(SystemExit) as stop:
             bench.parse_args(["--timm_args", bad])
         assert stop.value.code == 2

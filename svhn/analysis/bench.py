@@ -51,6 +51,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -745,16 +746,16 @@ def _run_measurements(cfg: BenchConfig) -> dict:
     return report
 
 
-def _json_object(text: str) -> dict:
-    """A JSON object from the command line; argparse turns the error into a usage line
-    naming the option."""
+def _mapping(text: str) -> dict:
+    """A mapping from the command line, read as ``svhn.fit --model.timm_args`` reads it
+    (YAML, so JSON and the flow form ``{stem_width: 16}`` both); argparse turns the error
+    into a usage line naming the option."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text}") from None
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise argparse.ArgumentTypeError(f"not YAML or JSON ({error}): {text}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"not a JSON object ({{\"name\": value, ...}}): "
-                                         f"{text}")
+        raise argparse.ArgumentTypeError(f"not a mapping ({{name: value, ...}}): {text}")
     return value
 
 
@@ -770,10 +771,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
     parser.add_argument("--synthetic_test", type=int, default=defaults.synthetic_test)
     parser.add_argument("--backbones", nargs="*", default=defaults.backbones,
                         help="models to measure (none: the data rows and stages only)")
-    parser.add_argument("--timm_args", type=_json_object, default=None,
-                        help="arguments for timm.create_model, as fit's --model.timm_args "
-                             "(JSON), e.g. '{\"channels\": [32, 64, 128, 256], "
-                             "\"stem_width\": 16}' (configs/cpu_fp32.yaml)")
+    parser.add_argument("--timm_args", type=_mapping, default=None,
+                        help="arguments for timm.create_model, written as fit's "
+                             "--model.timm_args, e.g. '{channels: [32, 64, 128, 256], "
+                             "stem_width: 16}' (configs/cpu_fp32.yaml)")
     parser.add_argument("--image_size", type=int, nargs=2, default=defaults.image_size,
                         metavar=("H", "W"))
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)

@@ -169,11 +169,34 @@ def test_the_detector_reads_like_the_heads_in_training_and_through_a_zoom_search
     assert searched["chain_logits"].shape == (3, 29, 2, 11)
 
 
+def test_the_detector_s_width_is_a_setting_a_checkpoint_keeps(tmp_path):
+    """``detector_width`` narrows the head with a narrowed backbone (configs/cpu_fp32.yaml);
+    svhn.predict rebuilds it at the width it was trained at (older checkpoints: 96)."""
+    from svhn.inference.checkpoints import load_reader
+    from svhn.model.training import DigitSequenceModel
+
+    assert _detector().detector.tower[0].out_channels == 96
+    settings = {"backbone": TINY, "image_size": (32, 64), "max_len": 2, "box_head": True,
+                "char_boxes": True, "head": "detector", "detector_width": 16}
+    model = DigitSequenceModel(**settings)
+    tower = model.reader.detector.tower
+    assert [tower[i].out_channels for i in (0, 3)] == [16, 16]
+    path = tmp_path / "narrow_head.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    reader = load_reader(path)
+    assert reader.detector.tower[3].out_channels == 16
+    images = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = model.reader.eval()(images, search=False)["logits"]
+        assert torch.equal(reader.eval()(images, search=False)["logits"], expected)
+
+
 @pytest.mark.parametrize("settings, words", [
     ({"backbone": "simple_cnn"}, "timm CNN backbone"),
     ({"char_boxes": False}, "char_boxes: true"),
     ({"head": "boxes"}, "choose one of"),
     ({"detect_threshold": 1.0}, "(0, 1)"),
+    ({"detector_width": 0}, "at least 1"),
 ])
 def test_a_detector_that_cannot_work_is_refused_with_the_fix(settings, words):
     with pytest.raises(SettingError, match=None) as error:

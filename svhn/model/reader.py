@@ -25,7 +25,7 @@ from torch import nn
 from svhn.data.images import DEFAULT_IMAGE_SIZE
 from svhn.data.labels import BLANK, DEFAULT_MAX_LEN, NUM_CLASSES
 from svhn.data.transforms import ZOOM_CROP_MARGIN
-from svhn.errors import SettingError
+from svhn.errors import SettingError, at_least
 from svhn.model.backbones import create_backbone, input_normalization
 from svhn.model.detector import DETECTION_STRIDE, DetectionHead, decode_detections
 from svhn.model.geometry import box_from_crop, crop_boxes, crop_region
@@ -143,6 +143,10 @@ class DigitReader(nn.Module):
             CNN backbone (its feature maps) and ``char_boxes: true`` (the digits' boxes it
             learns from and reports); ignores ``hidden_dim`` and ``dropout``.
         detect_threshold: with the detector, the score from which a detection is a digit.
+        detector_width: the detector's channels (its lateral projections and its two 3x3
+            convolutions at stride 8); it does not follow the backbone's width. On the
+            half-width ResNet18-D of ``configs/cpu_fp32.yaml`` a 96-wide head holds the
+            largest convolutions of the net: at 48 its training step is 1.2x faster.
     """
 
     def __init__(
@@ -167,6 +171,7 @@ class DigitReader(nn.Module):
         search_majority: float | None = None,
         head: str = "positions",
         detect_threshold: float = 0.25,
+        detector_width: int = 96,
     ):
         super().__init__()
         if zoom_steps < 0:
@@ -196,6 +201,7 @@ class DigitReader(nn.Module):
                                "(or null: every window at once).")
         if not 0 < detect_threshold < 1:
             raise SettingError(f"detect_threshold {detect_threshold!r}: must be in (0, 1).")
+        at_least("detector_width", detector_width, 1)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.max_len = max_len
         self.detect_threshold = detect_threshold
@@ -216,7 +222,7 @@ class DigitReader(nn.Module):
             self.backbone = create_backbone(backbone, pretrained, pretrained_weights, None,
                                             timm_args)
             self.detect_levels, channels = _detection_levels(self.backbone, backbone)
-            self.detector = DetectionHead(channels)
+            self.detector = DetectionHead(channels, detector_width)
             self.box_pool = nn.AdaptiveAvgPool2d(tuple(feature_grid or (1, 1)))
             features = channels[-1] * self.box_pool.output_size[0] * self.box_pool.output_size[1]
         else:

@@ -40,7 +40,8 @@ class DigitSequenceModel(L.LightningModule):
     """Trains a ``DigitReader``; ``reader_args`` are its arguments (backbone, pretrained,
     pretrained_weights, timm_args, max_len, image_size, hidden_dim, dropout, feature_grid,
     box_head, char_boxes, zoom_from, zoom_steps, zoom_margin, zoom_search, channels_last,
-    search_gate, head, detect_threshold: see ``svhn.model.reader.DigitReader``).
+    search_gate, head, detect_threshold, detector_width: see
+    ``svhn.model.reader.DigitReader``).
 
     Training args:
         label_smoothing: cross-entropy label smoothing.

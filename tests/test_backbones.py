@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 import yaml
+from helpers.checkpoints import write_model_checkpoint
 from helpers.runs import run_module, run_predict, short_fit_args
 
 from svhn.inference.checkpoints import load_reader
@@ -125,10 +126,7 @@ def test_timm_args_reach_timm_and_a_checkpoint_rebuilds_them(tmp_path):
     assert backbone.body.model.layer4[1].drop_path.drop_prob == pytest.approx(0.2)
     model = DigitSequenceModel(backbone="resnet18", feature_grid=[2, 4],
                                timm_args={"drop_path_rate": 0.2})
-    path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)},
-               path)
-    reader = load_reader(path)
+    reader = load_reader(write_model_checkpoint(tmp_path / "model.ckpt", model))
     assert reader.backbone.body.model.layer4[1].drop_path.drop_prob == pytest.approx(0.2)
 
 
@@ -155,10 +153,8 @@ def test_the_cpu_fp32_overlay_narrows_the_recipes_reader_and_a_checkpoint_keeps_
     assert size(narrow) < size(full) / 3
     body = narrow.reader.backbone  # the timm ResNet itself
     assert body.conv1[0].out_channels == 16 and body.layer4[-1].conv2.out_channels == 256
-    path = tmp_path / "narrow.ckpt"
-    torch.save({"state_dict": narrow.state_dict(), "hyper_parameters": dict(narrow.hparams)},
-               path)
-    reader = load_reader(path)  # what svhn.predict reads: rebuilt at the same width
+    # What svhn.predict reads: rebuilt at the same width.
+    reader = load_reader(write_model_checkpoint(tmp_path / "narrow.ckpt", narrow))
     assert reader.backbone.layer4[-1].conv2.out_channels == 256
     with torch.no_grad():
         logits = reader(torch.rand(2, 3, 64, 128), search=False)["logits"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.checkpoints import write_model_checkpoint
 from torch.utils.data import DataLoader
 
 from svhn.data.datamodule import SVHNDataModule
@@ -181,9 +182,7 @@ def test_the_detector_s_width_is_a_setting_a_checkpoint_keeps(tmp_path):
     model = DigitSequenceModel(**settings)
     tower = model.reader.detector.tower
     assert [tower[i].out_channels for i in (0, 3)] == [16, 16]
-    path = tmp_path / "narrow_head.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
-    reader = load_reader(path)
+    reader = load_reader(write_model_checkpoint(tmp_path / "narrow_head.ckpt", model))
     assert reader.detector.tower[3].out_channels == 16
     images = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8)
     with torch.no_grad():

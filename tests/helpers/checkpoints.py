@@ -1,4 +1,5 @@
-"""Checkpoints of an earlier format, written here from a seeded reader.
+"""Checkpoints written by the tests: the least one holds (``write_model_checkpoint``) and
+those of an earlier format, written from a seeded reader.
 
 Format 1 (svhn before the reader had its own module): weights at the top level of the
 state dict, ``zoom: bool`` beside ``zoom_steps``, no recorded format or precision. The
@@ -11,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from svhn.model.reader import DigitReader
 
@@ -18,6 +20,14 @@ FORMAT_1_SETTINGS = {
     "legacy_plain": {"feature_grid": None, "box_head": False, "zoom": False, "zoom_steps": 1},
     "legacy_zoom": {"feature_grid": (2, 4), "box_head": True, "zoom": True, "zoom_steps": 2},
 }
+
+
+def write_model_checkpoint(path: Path, model: nn.Module) -> Path:
+    """The least ``load_reader`` reads: a ``DigitSequenceModel``'s weights and
+    hyperparameters, saved at ``path`` (no trainer state, no data settings)."""
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)},
+               path)
+    return path
 
 
 def write_format_1_checkpoint(path: Path, name: str) -> DigitReader:

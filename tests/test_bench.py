@@ -203,6 +203,13 @@ def test_the_search_bench_times_both_searches_and_its_sweep_matches_the_gated_pa
         if majority is None:
             assert row["every_window_share"] == row["searched_share"]
     assert report["full"]["images_per_s"] > 0 and report["gated"]["images_per_s"] > 0
+    # Crops read per image: the whole image, then 29 chains of the same zoom steps in the
+    # full search; fewer where the gate searched fewer images.
+    full_reads, gated_reads = (report[key]["reads_per_image"] for key in ("full", "gated"))
+    assert full_reads > 1 and (full_reads - 1) % 29 == pytest.approx(0)
+    assert gated_reads <= full_reads
+    if report["gated"]["searched_share"] < 1:
+        assert gated_reads < full_reads
     at_gate = next(row for row in report["sweep"] if row["gate"] == 0.2)
     assert at_gate["score"] == pytest.approx(report["gated"]["score"], abs=1e-6)
     assert at_gate["searched_share"] == pytest.approx(report["gated"]["searched_share"])
@@ -274,7 +281,7 @@ def test_the_epoch_timer_leaves_the_first_batch_out_when_steady(monkeypatch, ste
 
 
 def test_timm_args_reach_the_benched_reader_written_as_fit_takes_them(capsys) -> None:
-    narrow = {"channels": [32, 64, 128, 256], "stem_width": 16}  # configs/cpu_fp32.yaml
+    narrow = {"channels": [32, 64, 128, 256], "stem_width": 16}  # configs/real_cpu.yaml's
     # JSON, and YAML's flow form as `svhn.fit --model.timm_args` and the README write it
     for text in ('{"channels": [32, 64, 128, 256], "stem_width": 16}',
                  "{channels: [32, 64, 128, 256], stem_width: 16}"):

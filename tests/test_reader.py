@@ -7,7 +7,7 @@ from helpers.logits import reading_logits
 
 import svhn.model.reader
 from svhn.data.labels import BLANK
-from svhn.model.geometry import box_from_crop, crop_boxes, crop_region, pairwise_iou
+from svhn.model.geometry import box_from_crop, crop_boxes, crop_region, leader_boxes, pairwise_iou
 from svhn.model.reader import DigitHeads, DigitReader, search_windows
 from svhn.model.training import DigitSequenceModel
 from svhn.model.vote import vote
@@ -40,8 +40,9 @@ def test_crop_boxes_with_image_rows_cuts_many_boxes_from_one_image():
     torch.testing.assert_close(crops, one_by_one)
 
 
-# All 4 chains in one read (a GPU's default) / 2 chains a read / one (a CPU's default).
-@pytest.mark.parametrize("crops_per_read, reads_per_step", [(2048, 1), (5, 2), (None, 4)])
+# All 4 chains' 8 crops in one read (a GPU's default, and a CPU's: 128), or 5 at a time.
+@pytest.mark.parametrize("crops_per_read, reads_per_step", [(2048, [8]), (5, [5, 3]),
+                                                            (None, [8])])
 def test_zoom_chains_side_by_side_equal_the_chains_one_by_one(crops_per_read,
                                                               reads_per_step):
     torch.manual_seed(0)
@@ -57,13 +58,95 @@ def test_zoom_chains_side_by_side_equal_the_chains_one_by_one(crops_per_read,
     reader.read = lambda crops: reads.append(len(crops)) or original(crops)
     with torch.no_grad():
         together = reader.zoom_chains(images, starts)
-        assert reads == [8 // reads_per_step] * (2 * reads_per_step)  # 2 zoom steps
+        assert reads == reads_per_step * 2  # 2 zoom steps
         alone = [reader.zoom_chain(images, start) for start in starts]
     assert len(together) == len(starts)
     for side_by_side, own in zip(together, alone, strict=True):
         assert side_by_side.keys() == own.keys() == {"logits", "box", "char_boxes"}
         for key in own:
             torch.testing.assert_close(side_by_side[key], own[key], atol=1e-4, rtol=1e-4)
+
+
+def test_leader_boxes_lets_a_box_follow_the_first_earlier_leader_it_overlaps():
+    a, near_a, far = [0.1, 0.1, 0.5, 0.9], [0.1, 0.1, 0.5, 0.87], [0.6, 0.1, 0.9, 0.9]
+    near_near_a = [0.1, 0.1, 0.5, 0.84]  # IoU 0.96 with near_a, 0.93 with a
+    boxes = torch.tensor([[a, far], [near_a, far], [far, a], [near_near_a, near_a]])
+    leaders, follows = leader_boxes(boxes, min_iou=0.95)  # (K=4 chains, B=2 images)
+    # Image 0: a leads, near_a follows it, far leads, near_near_a overlaps only near_a (a
+    # follower) by 0.95: it leads. Image 1: far leads, far again follows, a leads, near_a
+    # follows a.
+    flat = [k * 2 + b for k, b in [(0, 0), (0, 1), (2, 0), (2, 1), (3, 0)]]
+    assert leaders.tolist() == flat
+    leader_of = [(0, 0), (0, 1), (0, 0), (0, 1), (2, 0), (2, 1), (3, 0), (2, 1)]
+    assert follows.tolist() == [flat.index(k * 2 + b) for k, b in leader_of]
+
+
+def test_merged_chains_read_a_shared_box_once_and_follow_their_leader():
+    torch.manual_seed(0)
+    reader = DigitReader(backbone="resnet18d", max_len=3, head="detector", box_head=True,
+                         char_boxes=True, zoom_from="digits", zoom_steps=2,
+                         image_size=(32, 64), zoom_search=True).eval()
+    images = reader.normalize(torch.randint(0, 255, (2, 3, 64, 128), dtype=torch.uint8))
+    shared = torch.tensor([[0.1, 0.2, 0.6, 0.9], [0.0, 0.0, 1.0, 1.0]])
+    starts = [shared, shared.clone(), torch.tensor([[0.5, 0.1, 0.9, 0.5]] * 2)]
+    reads = []
+    original = reader.read
+    reader.read = lambda crops: reads.append(len(crops)) or original(crops)
+    with torch.no_grad():
+        merged = reader.zoom_chains(images, starts, merge_iou=0.9)
+        first_step, crops_merged = reads[0], sum(reads)
+        reads.clear()
+        own = reader.zoom_chains(images, starts)
+    # Per image: the shared start read once, the other start once; the same at step 2 at
+    # most (the other chain may join the shared one), against 3 reads per step unmerged.
+    assert first_step == 2 * 2 and crops_merged <= 2 * 2 * 2 < sum(reads) == 3 * 2 * 2
+    for key in own[0]:
+        torch.testing.assert_close(merged[1][key], merged[0][key])  # the follower
+        torch.testing.assert_close(merged[0][key], own[0][key])  # a leader: as unmerged
+        torch.testing.assert_close(merged[1][key], own[1][key])  # the same start anyway
+
+
+def test_a_merged_chain_that_found_the_box_it_read_reads_no_more():
+    reader = DigitReader(backbone="simple_cnn", max_len=3, box_head=True, zoom_steps=3,
+                         image_size=(32, 64)).eval()
+    margin = reader.zoom_margin
+    # Every read finds its box where it was cut: the box inside its own grown crop.
+    inside = torch.tensor([[margin, margin, 1 + margin, 1 + margin]]) / (1 + 2 * margin)
+    reads = []
+
+    def fake_read(crops):
+        reads.append(len(crops))
+        return {"logits": torch.zeros(len(crops), 3, 11), "box": inside.expand(len(crops), 4)}
+
+    reader.read = fake_read
+    images = torch.rand(2, 3, 64, 128)
+    starts = [torch.tensor([[0.3, 0.3, 0.7, 0.7]] * 2), torch.tensor([[0.1, 0.2, 0.4, 0.6]] * 2)]
+    merged = reader.zoom_chains(images, starts, merge_iou=0.9)
+    assert reads == [4]  # the first step; then every chain had settled
+    reads.clear()
+    own = reader.zoom_chains(images, starts)
+    assert reads == [4, 4, 4]
+    for mine, theirs, start in zip(merged, own, starts, strict=True):
+        torch.testing.assert_close(mine["box"], start)
+        torch.testing.assert_close(mine["box"], theirs["box"])
+
+
+def test_the_gated_search_merges_chains_and_the_full_search_never_does():
+    reader = DigitReader(backbone="simple_cnn", max_len=3, box_head=True, char_boxes=True,
+                         zoom_from="digits", zoom_steps=2, image_size=(32, 64),
+                         zoom_search=True, search_gate=1.0, search_merge=0.9).eval()
+    merges = []
+    chains = reader.zoom_chains
+    reader.zoom_chains = lambda images, starts, merge_iou=None: merges.append(merge_iou) or \
+        chains(images, starts, merge_iou)
+    images = torch.randint(0, 255, (2, 3, 64, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        reader(images)  # the full search: the reference, every chain its own crops
+        assert merges == [None]
+        merges.clear()
+        reader.search_gate = 0.999  # a random net is unsure of every image: all searched
+        out = reader(images)
+    assert out["searched"].all() and merges == [0.9, 0.9]  # first two, then the windows
 
 
 def test_uint8_batches_are_normalised_with_the_backbone_s_statistics():
@@ -406,15 +489,15 @@ def test_validation_reads_one_chain_even_when_the_reader_searches():
     reads.clear()
     with torch.no_grad():
         model.reader(batch["image"])
-    # Predicting: every chain, on a CPU one chain at a time.
-    assert reads == [2] * (1 + 29 * 2)
+    # Predicting: the whole image, then every chain side by side, one read per zoom step.
+    assert reads == [2] + [29 * 2] * 2
 
 
 def _chain_by_chain(reader: DigitReader) -> None:
     """The search's batched ``zoom_chains`` as one ``reader.zoom_chain`` call per start, so
     a fake chain sees (and records) each chain on its own."""
-    reader.zoom_chains = lambda images, starts: [reader.zoom_chain(images, start)
-                                                 for start in starts]
+    reader.zoom_chains = lambda images, starts, merge_iou=None: [
+        reader.zoom_chain(images, start) for start in starts]
 
 
 def _gated_reader(gate: float) -> tuple[DigitReader, list[int]]:
@@ -564,6 +647,12 @@ def test_a_majority_of_one_takes_every_split_vote_the_whole_way():
 def test_a_majority_outside_zero_to_one_is_refused(majority):
     with pytest.raises(ValueError, match="search_majority"):
         DigitReader(box_head=True, zoom_steps=1, zoom_search=True, search_majority=majority)
+
+
+@pytest.mark.parametrize("merge", [0.0, 1.5])
+def test_a_merge_iou_outside_zero_to_one_is_refused(merge):
+    with pytest.raises(ValueError, match=r"search_merge .*must be in \(0, 1\]"):
+        DigitReader(box_head=True, zoom_steps=1, zoom_search=True, search_merge=merge)
 
 
 def test_zoom_search_needs_zoom_steps():

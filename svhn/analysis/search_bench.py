@@ -15,7 +15,11 @@ difference from the full search's, and where the gate matters: the images it did
 whose answer the full search would have changed, and who had them right. With
 ``--search_majority`` (the two-step search, ``DigitReader.search_majority``) the sweep and the
 gated pass search in two steps, and the report also says the share of images that went on
-to all 27 windows.
+to all 27 windows. With ``--search_merge`` the gated pass also merges chains that found the
+same box (``DigitReader.search_merge``): the sweep cannot replay that (it changes which
+crops are read), so the gated pass's own score is the measure. Each pass also counts its
+crop reads per image (the whole image's read included): the work the gate saves, whatever
+the machine.
 """
 
 from __future__ import annotations
@@ -81,45 +85,57 @@ def gate_sweep(chain_probs: torch.Tensor, chain_boxes: torch.Tensor, full_probs:
     return rows
 
 
-def _timed_pass(reader, datamodule, trainer) -> tuple[float, object]:
-    start = time.perf_counter()
-    predictions = predict_with_reader(reader, datamodule, trainer)
-    return time.perf_counter() - start, predictions
+def _timed_pass(reader, datamodule, trainer) -> tuple[float, int, object]:
+    """Seconds, crops read (every ``DigitReader.read``'s batch) and predictions of a pass."""
+    crops = []
+    read = reader.read
+    reader.read = lambda images: crops.append(len(images)) or read(images)
+    try:
+        start = time.perf_counter()
+        predictions = predict_with_reader(reader, datamodule, trainer)
+        seconds = time.perf_counter() - start
+    finally:
+        del reader.read  # the class's own again
+    return seconds, sum(crops), predictions
 
 
 def measure_search(checkpoint: str | Path, data_dir: str | Path, split: str = "val",
                    gates: Sequence[float] = DEFAULT_GATES, gate: float | None = None,
-                   majority: float | None = None, batch_size: int = 128,
+                   majority: float | None = None, merge: float | None = None,
+                   batch_size: int = 128,
                    num_workers: int = 0, accelerator: str = "auto") -> dict:
     """One checkpoint's full and gated passes over a labelled split, and the gate sweep;
-    ``gate`` and ``majority`` None: the checkpoint's own."""
+    ``gate``, ``majority`` and ``merge`` None: the checkpoint's own."""
     contents = read_checkpoint(checkpoint)
     gate = float(contents.model.get("search_gate", SEARCH_GATE)) if gate is None else gate
     majority = contents.model.get("search_majority") if majority is None else majority
+    merge = contents.model.get("search_merge") if merge is None else merge
     datamodule = evaluation_datamodule(contents, data_dir, split, batch_size=batch_size,
                                        num_workers=num_workers, labelled=True)
     datamodule.prepare_data()  # the cache is built once, outside the timing
     full = load_reader(contents, zoom_search=True, search_gate=1.0)
     gated = load_reader(contents, zoom_search=True, search_gate=gate,
-                        search_majority=majority)
+                        search_majority=majority, search_merge=merge)
     warm_up = build_trainer(accelerator, precision=contents.precision, progress_bar=False,
                             limit_batches=1)
     trainer = build_trainer(accelerator, precision=contents.precision, progress_bar=False)
     predict_with_reader(full, datamodule, warm_up, subset=True)
-    full_seconds, full_out = _timed_pass(full, datamodule, trainer)
-    gated_seconds, gated_out = _timed_pass(gated, datamodule, trainer)
+    full_seconds, full_crops, full_out = _timed_pass(full, datamodule, trainer)
+    gated_seconds, gated_crops, gated_out = _timed_pass(gated, datamodule, trainer)
     count = len(full_out)
     sweep = gate_sweep(full_out.chain_probs, full_out.chain_boxes, full_out.probs,
                        full_out.targets, sorted({*gates, gate}), majority)
     return {
         "checkpoint": str(checkpoint), "split": split, "images": count,
-        "precision": contents.precision, "gate": gate, "majority": majority,
+        "precision": contents.precision, "gate": gate, "majority": majority, "merge": merge,
         "full": {"seconds": full_seconds, "images_per_s": count / full_seconds,
+                 "reads_per_image": full_crops / count,
                  "score": float(whole_string_correct(full_out.probs, full_out.targets).mean())},
         "gated": {"seconds": gated_seconds, "images_per_s": count / gated_seconds,
                   "score": float(whole_string_correct(gated_out.probs,
                                                       gated_out.targets).mean()),
-                  "searched_share": float(gated_out.searched.float().mean())},
+                  "searched_share": float(gated_out.searched.float().mean()),
+                  "reads_per_image": gated_crops / count},
         "speedup": full_seconds / gated_seconds,
         "sweep": sweep,
     }
@@ -129,12 +145,16 @@ def format_search_table(report: dict) -> str:
     full, gated = report["full"], report["gated"]
     majority = report.get("majority")
     steps = "" if majority is None else f", two steps at majority {majority:g}"
+    if report.get("merge") is not None:
+        steps += f", chains merged at IoU {report['merge']:g}"
     lines = [
         f"{Path(report['checkpoint']).name} on {report['split']} ({report['images']} images, "
         f"{report['precision']}):",
-        f"  full search : {full['images_per_s']:7.1f} images/s  score {full['score']:.3f}",
+        f"  full search : {full['images_per_s']:7.1f} images/s  score {full['score']:.3f}  "
+        f"{full['reads_per_image']:.1f} crop reads per image",
         f"  gated ({report['gate']:g}{steps}): {gated['images_per_s']:7.1f} images/s  score "
         f"{gated['score']:.3f}  searched {gated['searched_share']:.0%}  "
+        f"{gated['reads_per_image']:.1f} crop reads per image  "
         f"-> {report['speedup']:.1f}x the full search's images/s",
         "  gate   searched  all 27  score   vs full  missed changes (full right / gated right)",
     ]

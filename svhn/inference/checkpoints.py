@@ -254,12 +254,14 @@ def reader_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_reader(checkpoint: str | Path | CheckpointContents,
                 channels_last: bool | None = None, zoom_search: bool | None = None,
                 search_gate: float | None = None,
-                search_majority: float | None = None) -> DigitReader:
+                search_majority: float | None = None,
+                search_merge: float | None = None) -> DigitReader:
     """The trained reader of a checkpoint, in eval mode on the CPU: no Lightning, no
     network (its pretrained weights are in the file). ``channels_last`` overrides the
     memory format it was trained with, ``zoom_search`` its search setting and
     ``search_gate`` its gate (``DigitReader.unsure``; 1: every image searched; None: as
-    saved) and ``search_majority`` its two-step search (None: as saved)."""
+    saved), ``search_majority`` its two-step search and ``search_merge`` its merging of
+    chains (None: as saved)."""
     contents = checkpoint if isinstance(checkpoint, CheckpointContents) else \
         read_checkpoint(checkpoint)
     arguments = reader_arguments(contents.model)
@@ -276,6 +278,8 @@ def load_reader(checkpoint: str | Path | CheckpointContents,
         arguments["search_gate"] = search_gate
     if search_majority is not None:
         arguments["search_majority"] = search_majority
+    if search_merge is not None:
+        arguments["search_merge"] = search_merge
     reader = DigitReader(**arguments)
     try:
         reader.load_state_dict(reader_weights(contents.state_dict))

@@ -195,6 +195,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "other 18 only where the vote then holds no reading with this "
                              "share of its support (default: as trained; 0.5 in "
                              "configs/real_cpu.yaml)")
+    parser.add_argument("--search_merge", type=float, default=None,
+                        help="in the gated search, read once the chains of an image whose "
+                             "boxes overlap by this IoU (default: as trained; "
+                             "configs/real_cpu.yaml sets it)")
     parser.add_argument("--tta", action="store_true",
                         help=f"also read the views {', '.join(TTA_VIEWS)} (averaged; "
                              "with the zoom search, every view's chains vote together)")
@@ -229,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         precision=args.precision, channels_last=args.channels_last,
         zoom_search=args.zoom_search, cache_dir=args.cache_dir,
         search_gate=1.0 if args.full_search else args.search_gate,
-        search_majority=args.search_majority,
+        search_majority=args.search_majority, search_merge=args.search_merge,
     )
     if not is_global_zero():
         return 0  # rank 0 holds the same gathered rows and writes them once

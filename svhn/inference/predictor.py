@@ -192,8 +192,8 @@ def predict_split(
     accelerator: str = "auto", devices: int | str | list[int] = 1, strategy: str | None = None,
     precision: str | None = None, channels_last: bool | None = None,
     zoom_search: bool | None = None, search_gate: float | None = None,
-    search_majority: float | None = None, cache_dir: str | Path | None = None,
-    labelled: bool = False,
+    search_majority: float | None = None, search_merge: float | None = None,
+    cache_dir: str | Path | None = None, labelled: bool = False,
 ) -> Predictions:
     """Read a split with one or more checkpoints (and views), combined by ``combine``.
 
@@ -201,7 +201,7 @@ def predict_split(
     the score in its file name was measured with); ``channels_last`` None keeps each
     checkpoint's memory format, ``zoom_search`` None its search setting, ``search_gate``
     None its gate (1: the full search, every image), ``search_majority`` None its two-step
-    search. Each file is
+    search, ``search_merge`` None its merging of chains. Each file is
     opened once (a ``CheckpointContents`` already read is not opened again): its settings
     and its reader come from that one read.
     """
@@ -224,7 +224,7 @@ def predict_split(
                                            labelled=labelled)
         reader = load_reader(content, channels_last=channels_last,
                              zoom_search=zoom_search, search_gate=search_gate,
-                             search_majority=search_majority)
+                             search_majority=search_majority, search_merge=search_merge)
         if is_global_zero():
             print(f"Reading {split} with {content.path.name} in {run_precision} ({source}).",
                   flush=True)

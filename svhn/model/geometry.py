@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import torch
 from torchvision.ops import roi_align
 
-__all__ = ["box_from_crop", "crop_boxes", "crop_region", "grow_box", "pairwise_iou",
-           "union_boxes"]
+__all__ = ["box_from_crop", "crop_boxes", "crop_region", "grow_box", "leader_boxes",
+           "pairwise_iou", "union_boxes"]
 
 
 def pairwise_iou(boxes: torch.Tensor) -> torch.Tensor:
@@ -22,6 +22,32 @@ def pairwise_iou(boxes: torch.Tensor) -> torch.Tensor:
     inter = (high - low).clamp(min=0).prod(-1)
     area = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)  # (K, B)
     return inter / (area[:, None] + area[None] - inter).clamp(min=1e-9)
+
+
+def leader_boxes(boxes: torch.Tensor, min_iou: float, skip: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of (K, B, 4) boxes (K per image, B images) stand for the others: box k of an
+    image follows the first earlier leader of that image it overlaps by at least
+    ``min_iou``, and leads if there is none (greedy leader clustering, so a box always
+    overlaps its own leader by ``min_iou``). A box where ``skip`` (K, B) is true neither
+    leads nor follows. Returns ``leaders``, the flat (k * B + b) indices of the leaders, in
+    order, and ``follows`` (K * B,): each box's leader's place in ``leaders`` (0 for a
+    skipped box: its caller keeps what it had)."""
+    count, batch = boxes.shape[:2]
+    near = pairwise_iou(boxes) >= min_iou  # (K, K, B)
+    takes_part = torch.ones(count, batch, dtype=torch.bool, device=boxes.device) \
+        if skip is None else ~skip
+    leads = takes_part.clone()
+    leader = torch.arange(count, device=boxes.device)[:, None].repeat(1, batch)
+    for k in range(1, count):  # K is the chains of one call (<= 29): a short loop
+        earlier = near[k, :k] & leads[:k]  # (k, B)
+        found = earlier.any(0) & takes_part[k]
+        leads[k] &= ~found
+        leader[k] = torch.where(found, earlier.byte().argmax(0), k)
+    flat_leads = leads.flatten()
+    place = flat_leads.long().cumsum(0) - 1  # a leader's place among the leaders
+    own = leader * batch + torch.arange(batch, device=boxes.device)  # flat index of the leader
+    return flat_leads.nonzero().squeeze(1), place[own.flatten()].clamp(min=0)
 
 
 def union_boxes(boxes: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from svhn.data.transforms import ZOOM_CROP_MARGIN
 from svhn.errors import SettingError, at_least
 from svhn.model.backbones import create_backbone, input_normalization
 from svhn.model.detector import DETECTION_STRIDE, DetectionHead, decode_detections
-from svhn.model.geometry import box_from_crop, crop_boxes, crop_region
+from svhn.model.geometry import box_from_crop, crop_boxes, crop_region, leader_boxes, pairwise_iou
 from svhn.model.vote import chains_unsure, majority_share, voted_chain
 
 __all__ = ["DigitHeads", "DigitReader", "FIRST_WINDOWS", "HEADS", "search_windows",
@@ -47,11 +47,15 @@ _SEARCH_SIZES = ((0.7, 0.8), (0.5, 0.6), (0.3, 0.45))
 # (indices into search_windows(), which is size by size).
 FIRST_WINDOWS = tuple(range(len(_SEARCH_CENTRES[0]) * len(_SEARCH_CENTRES[1]),
                              2 * len(_SEARCH_CENTRES[0]) * len(_SEARCH_CENTRES[1])))
-# On a GPU the search's chains run side by side, their crops read as one batch per zoom
-# step, at most this many crops per read (to bound the memory): one chain at a time, the
-# gated search ran 0.7x as fast as the full one on an H200 (docs/performance.md). On a
-# CPU one chain at a time: reads of 2,048 crops were 10 % slower there.
+# What a zoom chain keeps of each read (not the detector's maps).
+_CHAIN_KEYS = ("logits", "box", "char_boxes")
+# The search's chains run side by side, their crops read together per zoom step, at most
+# this many crops per read (to bound the memory): on a GPU, one chain at a time made the
+# gated search 0.7x as fast as the full one on an H200 (docs/performance.md). A CPU reads
+# 128 at a time (a predicted batch's chain): reads of 2,048 crops were 10 % slower there,
+# and the gated search's chains of a few unsure images would otherwise read in small batches.
 SEARCH_CROPS_PER_READ = 2048
+CPU_SEARCH_CROPS_PER_READ = 128
 
 
 class DigitHeads(nn.Module):
@@ -136,6 +140,11 @@ class DigitReader(nn.Module):
             middle-size windows' chains, and the other 18 only where the vote over its 11
             chains is split: its winning reading holds less than this share of their support
             (``majority_share``; 0.5: no majority). None: all 27 at once.
+        search_merge: in the gated search, chains of one image whose boxes overlap by at
+            least this IoU before a zoom step are read once from there on (``zoom_chains``):
+            windows that found the same number cost one chain. None: every chain reads its
+            own crops. The full search (``search_gate`` 1) never merges: it is the
+            reference.
         head: ``positions`` (the parallel per-character heads) or ``detector``: a dense
             digit detector over the backbone's stride-8/16/32 maps (``svhn.model.detector``)
             whose digits, sorted left to right, fill the positions; the same (B, max_len,
@@ -145,7 +154,7 @@ class DigitReader(nn.Module):
         detect_threshold: with the detector, the score from which a detection is a digit.
         detector_width: the detector's channels (its lateral projections and its two 3x3
             convolutions at stride 8); it does not follow the backbone's width. On the
-            half-width ResNet18-D of ``configs/cpu_fp32.yaml`` a 96-wide head holds the
+            half-width ResNet18-D of ``configs/real_cpu.yaml`` a 96-wide head holds the
             largest convolutions of the net: at 48 its training step is 1.2x faster.
     """
 
@@ -169,6 +178,7 @@ class DigitReader(nn.Module):
         channels_last: bool = False,
         search_gate: float = SEARCH_GATE,
         search_majority: float | None = None,
+        search_merge: float | None = None,
         head: str = "positions",
         detect_threshold: float = 0.25,
         detector_width: int = 96,
@@ -199,6 +209,9 @@ class DigitReader(nn.Module):
         if search_majority is not None and not 0 < search_majority <= 1:
             raise SettingError(f"search_majority {search_majority!r}: must be in (0, 1] "
                                "(or null: every window at once).")
+        if search_merge is not None and not 0 < search_merge <= 1:
+            raise SettingError(f"search_merge {search_merge!r}: must be in (0, 1] (an IoU; "
+                               "or null: no chains merged).")
         if not 0 < detect_threshold < 1:
             raise SettingError(f"detect_threshold {detect_threshold!r}: must be in (0, 1).")
         at_least("detector_width", detector_width, 1)
@@ -211,8 +224,10 @@ class DigitReader(nn.Module):
         self.zoom_search = zoom_search
         self.search_gate = search_gate
         self.search_majority = search_majority
-        # Crops per read of the search (None: SEARCH_CROPS_PER_READ on an accelerator, one
-        # chain's on a CPU); not a hyper-parameter: it changes the speed, not the answer.
+        self.search_merge = search_merge
+        # Crops per read of the search (None: SEARCH_CROPS_PER_READ on an accelerator,
+        # CPU_SEARCH_CROPS_PER_READ on a CPU); not a hyper-parameter: it changes the speed,
+        # not the answer.
         self.search_crops_per_read: int | None = None
         self.channels_last = channels_last
         self.detector: DetectionHead | None = None
@@ -321,43 +336,66 @@ class DigitReader(nn.Module):
         digits = torch.cat([low, high], 1)
         return torch.where(is_digit.any(1), digits, box)
 
-    def zoom_chain(self, images: torch.Tensor, box: torch.Tensor,
-                   image_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def zoom_chain(self, images: torch.Tensor, box: torch.Tensor) -> dict[str, torch.Tensor]:
         """``zoom_steps`` crop reads of normalised full-size ``images``, the first cut around
         ``box``, each next one around the box the last read found: the last read's
-        ``logits``, its ``box`` and ``char_boxes`` in whole-image coordinates. With
-        ``image_rows`` (N,), box i is cut from image ``image_rows[i]`` (N chains)."""
-        for _ in range(self.zoom_steps):
-            region = crop_region(box, self.zoom_margin)
-            out = self.read(crop_boxes(images, box, self.zoom_margin, self.image_size,
-                                       image_rows=image_rows))
-            box = box_from_crop(self.zoom_box(out), region)
-        result = {"logits": out["logits"], "box": box}
-        if "char_boxes" in out:
-            result["char_boxes"] = box_from_crop(out["char_boxes"].float(), region)
-        return result
+        ``logits``, its ``box`` and ``char_boxes`` in whole-image coordinates."""
+        return self.zoom_chains(images, [box])[0]
 
-    def zoom_chains(self, images: torch.Tensor, starts: list[torch.Tensor]
-                    ) -> list[dict[str, torch.Tensor]]:
+    def zoom_chains(self, images: torch.Tensor, starts: list[torch.Tensor],
+                    merge_iou: float | None = None) -> list[dict[str, torch.Tensor]]:
         """A zoom chain on ``images`` from each of ``starts`` ((B, 4) boxes), as
-        ``zoom_chain`` would give them one by one, run side by side: one read per zoom
-        step for up to ``search_crops_per_read`` crops."""
-        batch = len(images)
-        crops = self.search_crops_per_read
-        if crops is None:
-            crops = batch if images.device.type == "cpu" else SEARCH_CROPS_PER_READ
-        per_read = max(1, crops // max(batch, 1))
-        rows = torch.arange(batch, device=images.device)
-        chains = []
-        for first in range(0, len(starts), per_read):
-            group = starts[first:first + per_read]
-            together = self.zoom_chain(images, torch.cat([box.float() for box in group]),
-                                       image_rows=rows.repeat(len(group)))
-            parts = {key: value.unflatten(0, (len(group), batch)).unbind(0)
-                     for key, value in together.items()}
-            chains += [{key: value[i] for key, value in parts.items()}
-                       for i in range(len(group))]
-        return chains
+        ``zoom_chain`` would give them one by one, run side by side: each zoom step reads
+        the chains' crops in reads of up to ``search_crops_per_read`` crops. With
+        ``merge_iou``, a crop nearly the same as one read already is not read again: a
+        chain whose next box overlaps the box it last read by that IoU has settled (it
+        keeps its last reading), and one whose next box overlaps an earlier chain's of the
+        same image at this step (``leader_boxes``) takes that chain's reading."""
+        batch, count = len(images), len(starts)
+        per_read = self.search_crops_per_read or (
+            CPU_SEARCH_CROPS_PER_READ if images.device.type == "cpu" else SEARCH_CROPS_PER_READ)
+        box = torch.cat([start.float() for start in starts])  # (count * batch, 4)
+        rows = torch.arange(batch, device=images.device).repeat(count)
+        last: dict[str, torch.Tensor] = {}  # each chain's last reading (whole-image boxes)
+        last_read = None  # the box each chain's last crop was cut around
+        for _ in range(self.zoom_steps):
+            readers, follows, settled = None, None, None
+            if merge_iou is not None:  # a host sync per step: how many crops to read
+                if last_read is not None:
+                    settled = pairwise_iou(torch.stack([box, last_read]))[0, 1] >= merge_iou
+                readers, follows = leader_boxes(
+                    box.view(count, batch, 4), merge_iou,
+                    None if settled is None else settled.view(count, batch))
+            if readers is not None and not len(readers):
+                break  # every chain has settled
+            found = self._read_crops(images, box, rows, readers, per_read)
+            if follows is not None:  # every chain again, each with its leader's reading
+                found = {key: value[follows] for key, value in found.items()}
+            if settled is not None:
+                found = {key: torch.where(settled.view(-1, *[1] * (value.ndim - 1)),
+                                          last[key].to(value.dtype), value)
+                         for key, value in found.items()}
+            last, last_read, box = found, box, found["box"]
+        parts = {key: value.unflatten(0, (count, batch)).unbind(0) for key, value in last.items()}
+        return [{key: value[i] for key, value in parts.items()} for i in range(count)]
+
+    def _read_crops(self, images: torch.Tensor, box: torch.Tensor, rows: torch.Tensor,
+                    readers: torch.Tensor | None, per_read: int) -> dict[str, torch.Tensor]:
+        """One zoom step: the crops around ``box`` (of images ``rows``; only at ``readers``
+        when given) read ``per_read`` at a time: ``logits``, the ``box`` found and
+        ``char_boxes``, in whole-image coordinates."""
+        if readers is not None:
+            box, rows = box[readers], rows[readers]
+        region = crop_region(box, self.zoom_margin)
+        reads = [self.read(crop_boxes(images, box[first:first + per_read], self.zoom_margin,
+                                      self.image_size, image_rows=rows[first:first + per_read]))
+                 for first in range(0, len(box), per_read)]
+        out = {key: torch.cat([read[key] for read in reads]) for key in _CHAIN_KEYS
+               if key in reads[0]}
+        found = {"logits": out["logits"], "box": box_from_crop(self.zoom_box(out), region)}
+        if "char_boxes" in out:
+            found["char_boxes"] = box_from_crop(out["char_boxes"].float(), region)
+        return found
 
     def search(self, images: torch.Tensor, out: dict[str, torch.Tensor]
                ) -> dict[str, torch.Tensor]:
@@ -373,7 +411,7 @@ class DigitReader(nn.Module):
             result["searched"] = torch.ones(len(images), dtype=torch.bool,
                                             device=images.device)
             return result
-        first, second = self.zoom_chains(images, starts)
+        first, second = self.zoom_chains(images, starts, self.search_merge)
         # The gate's host sync: how many images to search decides the work (the two-step
         # search has one more, for how many go on).
         rows = self.unsure(first, second).nonzero().squeeze(1)
@@ -419,8 +457,9 @@ class DigitReader(nn.Module):
     def window_chains(self, images: torch.Tensor, windows: Sequence[int] | None = None
                       ) -> list[dict[str, torch.Tensor]]:
         """A zoom chain from each of ``search_starts`` (the buffer of ``search_windows()``),
-        or from those at ``windows`` (indices)."""
-        return self.zoom_chains(images, self.window_starts(len(images), windows))
+        or from those at ``windows`` (indices); chains merged at ``search_merge``."""
+        return self.zoom_chains(images, self.window_starts(len(images), windows),
+                                self.search_merge)
 
     def window_starts(self, batch: int, windows: Sequence[int] | None = None
                       ) -> list[torch.Tensor]:

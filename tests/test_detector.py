@@ -171,7 +171,7 @@ def test_the_detector_reads_like_the_heads_in_training_and_through_a_zoom_search
 
 
 def test_the_detector_s_width_is_a_setting_a_checkpoint_keeps(tmp_path):
-    """``detector_width`` narrows the head with a narrowed backbone (configs/cpu_fp32.yaml);
+    """``detector_width`` narrows the head with a narrowed backbone (configs/real_cpu.yaml's);
     svhn.predict rebuilds it at the width it was trained at (older checkpoints: 96)."""
     from svhn.inference.checkpoints import load_reader
     from svhn.model.training import DigitSequenceModel

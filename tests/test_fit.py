@@ -238,12 +238,13 @@ def test_zoom_overlay_composes_with_a_backbone_config(capsys):
                                       "box_head: true", "eval_scale: 2.0"]),
     (["resnet18.yaml", "resnet50.yaml"], ["backbone: resnet50", "pretrained: true",
                                           "augment: strong", "precision: auto"]),
-    (["real_cpu.yaml", "cpu_fp32.yaml"], ["backbone: resnet18d", "head: detector",
-                                          "channels:\n    - 32\n    - 64\n    - 128\n    - 256",
-                                          "stem_width: 16", "name: real_cpu_fp32",
-                                          "precision: auto", "minutes: 27.0"]),
+    (["real_cpu.yaml"], ["backbone: resnet18d", "head: detector",
+                         "channels:\n    - 32\n    - 64\n    - 128\n    - 256",
+                         "stem_width: 16", "max_epochs: 70", "search_merge: 0.9",
+                         "precision: auto", "minutes: 27.0"]),
     (["real_cpu.yaml", "gpu_full.yaml"], ["accelerator: gpu", "augment_on: device",
                                           "max_epochs: 40", "backbone: resnet18d",
+                                          "timm_args: null",  # the full width
                                           "time_budget:\n  minutes: null"]),
 ])
 def test_recipe_chains_of_overlays_compose(chain, expected, capsys):

@@ -774,7 +774,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
     parser.add_argument("--timm_args", type=_mapping, default=None,
                         help="arguments for timm.create_model, written as fit's "
                              "--model.timm_args, e.g. '{channels: [32, 64, 128, 256], "
-                             "stem_width: 16}' (configs/cpu_fp32.yaml)")
+                             "stem_width: 16}' (configs/real_cpu.yaml's)")
     parser.add_argument("--image_size", type=int, nargs=2, default=defaults.image_size,
                         metavar=("H", "W"))
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
@@ -809,6 +809,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
     modes.add_argument("--search_majority", type=float, default=None,
                        help="with --search: the two-step search's majority, timed and swept "
                             "(default: each checkpoint's own)")
+    modes.add_argument("--search_merge", type=float, default=None,
+                       help="with --search: the gated pass merges chains whose boxes overlap "
+                            "by this IoU (default: each checkpoint's own)")
     modes.add_argument("--scale", action="store_true",
                        help="how costs grow with the data: synthetic sets of --scale_train "
                             "train images and a --scale_test test set (svhn.analysis.scale_bench)")
@@ -816,7 +819,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
     modes.add_argument("--scale_test", type=int, default=40000)
     args = vars(parser.parse_args(argv))
     output = {key: args.pop(key) for key in ("json", "out", "search", "gate",
-                                               "search_majority", "scale",
+                                               "search_majority", "search_merge", "scale",
                                                "scale_train", "scale_test")}
     args["image_size"] = tuple(args["image_size"])
     return BenchConfig(**args), output
@@ -831,6 +834,7 @@ def _search_report(cfg: BenchConfig, output: dict) -> tuple[dict, str]:
     device = resolve_device(cfg.device)
     reports = [measure_search(path, cfg.data_dir, cfg.split, gate=output["gate"],
                               majority=output["search_majority"],
+                              merge=output["search_merge"],
                               batch_size=cfg.batch_size, num_workers=cfg.workers,
                               accelerator=accelerator_for(device))
                for path in output["search"]]

@@ -40,7 +40,7 @@ class DigitSequenceModel(L.LightningModule):
     """Trains a ``DigitReader``; ``reader_args`` are its arguments (backbone, pretrained,
     pretrained_weights, timm_args, max_len, image_size, hidden_dim, dropout, feature_grid,
     box_head, char_boxes, zoom_from, zoom_steps, zoom_margin, zoom_search, channels_last,
-    search_gate, head, detect_threshold, detector_width: see
+    search_gate, search_majority, search_merge, head, detect_threshold, detector_width: see
     ``svhn.model.reader.DigitReader``).
 
     Training args:

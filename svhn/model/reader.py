@@ -52,7 +52,7 @@ _CHAIN_KEYS = ("logits", "box", "char_boxes")
 # The search's chains run side by side, their crops read together per zoom step, at most
 # this many crops per read (to bound the memory): on a GPU, one chain at a time made the
 # gated search 0.7x as fast as the full one on an H200 (docs/performance.md). A CPU reads
-# 128 at a time (a predicted batch's chain): reads of 2,048 crops were 10 % slower there,
+# 128 at a time, across chains: reads of 2,048 crops were 10 % slower there,
 # and the gated search's chains of a few unsure images would otherwise read in small batches.
 SEARCH_CROPS_PER_READ = 2048
 CPU_SEARCH_CROPS_PER_READ = 128
@@ -140,11 +140,12 @@ class DigitReader(nn.Module):
             middle-size windows' chains, and the other 18 only where the vote over its 11
             chains is split: its winning reading holds less than this share of their support
             (``majority_share``; 0.5: no majority). None: all 27 at once.
-        search_merge: in the gated search, chains of one image whose boxes overlap by at
-            least this IoU before a zoom step are read once from there on (``zoom_chains``):
-            windows that found the same number cost one chain. None: every chain reads its
-            own crops. The full search (``search_gate`` 1) never merges: it is the
-            reference.
+        search_merge: in the gated search, a crop nearly the same as one read already
+            (this IoU) is not read again (``zoom_chains``): a chain whose next box overlaps
+            the box it last read keeps its reading, and chains of one image whose boxes
+            overlap at a zoom step go on as one, so windows that found the same number cost
+            one chain. None: every chain reads its own crops. The full search
+            (``search_gate`` 1) never merges: it is the reference.
         head: ``positions`` (the parallel per-character heads) or ``detector``: a dense
             digit detector over the backbone's stride-8/16/32 maps (``svhn.model.detector``)
             whose digits, sorted left to right, fill the positions; the same (B, max_len,

@@ -196,8 +196,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "share of its support (default: as trained; 0.5 in "
                              "configs/real_cpu.yaml)")
     parser.add_argument("--search_merge", type=float, default=None,
-                        help="in the gated search, read once the chains of an image whose "
-                             "boxes overlap by this IoU (default: as trained; "
+                        help="in the gated search, do not read again a crop that overlaps "
+                             "one read already by this IoU (default: as trained; "
                              "configs/real_cpu.yaml sets it)")
     parser.add_argument("--tta", action="store_true",
                         help=f"also read the views {', '.join(TTA_VIEWS)} (averaged; "

@@ -11,7 +11,7 @@ import torch
 from torchvision.ops import roi_align
 
 __all__ = ["box_from_crop", "crop_boxes", "crop_region", "grow_box", "leader_boxes",
-           "pairwise_iou", "union_boxes"]
+           "paired_iou", "pairwise_iou", "union_boxes"]
 
 
 def pairwise_iou(boxes: torch.Tensor) -> torch.Tensor:
@@ -22,6 +22,12 @@ def pairwise_iou(boxes: torch.Tensor) -> torch.Tensor:
     inter = (high - low).clamp(min=0).prod(-1)
     area = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)  # (K, B)
     return inter / (area[:, None] + area[None] - inter).clamp(min=1e-9)
+
+
+def paired_iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """(N,) intersection over union of box i of ``first`` with box i of ``second`` ((N, 4)
+    each): ``pairwise_iou`` of the two, without the pairs that are not wanted."""
+    return pairwise_iou(torch.stack([first, second]))[0, 1]
 
 
 def leader_boxes(boxes: torch.Tensor, min_iou: float, skip: torch.Tensor | None = None

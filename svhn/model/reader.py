@@ -28,7 +28,7 @@ from svhn.data.transforms import ZOOM_CROP_MARGIN
 from svhn.errors import SettingError, at_least
 from svhn.model.backbones import create_backbone, input_normalization
 from svhn.model.detector import DETECTION_STRIDE, DetectionHead, decode_detections
-from svhn.model.geometry import box_from_crop, crop_boxes, crop_region, leader_boxes, pairwise_iou
+from svhn.model.geometry import box_from_crop, crop_boxes, crop_region, leader_boxes, paired_iou
 from svhn.model.vote import chains_unsure, majority_share, voted_chain
 
 __all__ = ["DigitHeads", "DigitReader", "FIRST_WINDOWS", "HEADS", "search_windows",
@@ -363,7 +363,7 @@ class DigitReader(nn.Module):
             readers, follows, settled = None, None, None
             if merge_iou is not None:  # a host sync per step: how many crops to read
                 if last_read is not None:
-                    settled = pairwise_iou(torch.stack([box, last_read]))[0, 1] >= merge_iou
+                    settled = paired_iou(box, last_read) >= merge_iou
                 readers, follows = leader_boxes(
                     box.view(count, batch, 4), merge_iou,
                     None if settled is None else settled.view(count, batch))

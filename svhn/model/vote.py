@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from svhn.data.labels import canonical_predictions
-from svhn.model.geometry import pairwise_iou
+from svhn.model.geometry import paired_iou, pairwise_iou
 
 __all__ = ["chain_confidence", "chains_unsure", "majority_share", "pick_chain", "vote",
            "vote_over_chains", "vote_probabilities", "voted_chain"]
@@ -89,5 +89,5 @@ def chains_unsure(first: torch.Tensor, second: torch.Tensor, first_box: torch.Te
     submission writes them), or in different places (box IoU at most 0.5), or the first is
     less confident than ``gate``. The reader's gate and the search bench's sweep."""
     agree = (canonical_predictions(first) == canonical_predictions(second)).all(-1)
-    overlap = pairwise_iou(torch.stack([first_box, second_box]).float())[0, 1]
+    overlap = paired_iou(first_box, second_box)
     return ~agree | (overlap <= 0.5) | (chain_confidence(first.float()) < gate)

@@ -193,10 +193,13 @@ def test_the_search_bench_times_both_searches_and_its_sweep_matches_the_gated_pa
     code = bench.main(["--search", str(easy_zoom_run.best), "--data_dir",
                        str(easy_zoom_run.data_dir), "--split", "val", "--gate", "0.2",
                        "--batch_size", "16", "--num_workers", "0", "--device", "cpu",
-                       "--out", str(out), *steps])
+                       "--repeats", "2", "--out", str(out), *steps])
     assert code == 0
     report = json.loads(out.read_text())["search"][0]
     assert report["images"] == 81 and report["gate"] == 0.2
+    for key in ("full", "gated"):  # each pass timed twice, its median reported
+        each = report[key]["seconds_each"]
+        assert len(each) == 2 and report[key]["seconds"] == pytest.approx(sum(each) / 2)
     assert report["majority"] == majority
     for row in report["sweep"]:
         assert row["every_window_share"] <= row["searched_share"] + 1e-9

@@ -836,7 +836,7 @@ def _search_report(cfg: BenchConfig, output: dict) -> tuple[dict, str]:
                               majority=output["search_majority"],
                               merge=output["search_merge"],
                               batch_size=cfg.batch_size, num_workers=cfg.workers,
-                              accelerator=accelerator_for(device))
+                              accelerator=accelerator_for(device), repeats=cfg.repeats)
                for path in output["search"]]
     report = {"environment": describe_environment(cfg, device, Path(cfg.data_dir), False),
               "search": reports}

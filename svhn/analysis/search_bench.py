@@ -1,11 +1,12 @@
 """The gated zoom search against the full one, on a labelled split:
 ``python -m svhn.bench --search CKPT [CKPT ...] --data_dir DIR [--split val]``.
 
-Each checkpoint reads the split twice through ``svhn.predict``'s path (``Trainer.predict``,
-the checkpoint's precision, the image cache built beforehand, one warm-up batch first), each
-pass timed: once with the full search (every image's 29 chains) and once with the gate (the
-window chains only where the first two chains disagree or the first is less confident
-than the gate: ``DigitReader.unsure``). The full pass also yields
+Each checkpoint reads the split through ``svhn.predict``'s path (``Trainer.predict``,
+the checkpoint's precision, the image cache built beforehand, one warm-up batch first), in
+two timed passes, each repeated ``--repeats`` times (alternating, so a drift in the
+machine's speed hits both; each pass's median time kept): the full search (every image's 29
+chains) and the gated one (the window chains only where the first two chains disagree or
+the first is less confident than the gate: ``DigitReader.unsure``). The full pass also yields
 the score of any other gate exactly: an image's search does not depend on the other images,
 and its first chain is chain 0 of its search. So the sweep of gates costs no more passes,
 and the gated pass's own score checks that claim.
@@ -25,6 +26,7 @@ the machine.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +40,8 @@ from svhn.model.metrics import whole_string_correct
 from svhn.model.reader import FIRST_WINDOWS, SEARCH_GATE
 from svhn.model.vote import chains_unsure, majority_share, vote_over_chains
 
-__all__ = ["DEFAULT_GATES", "answers_differ", "format_search_table", "gate_sweep", "measure_search"]
+__all__ = ["DEFAULT_GATES", "answers_differ", "format_search_table", "gate_sweep",
+           "measure_search"]
 
 DEFAULT_GATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
 
@@ -110,10 +113,11 @@ def _timed_pass(reader, datamodule, trainer) -> tuple[float, int, object]:
 def measure_search(checkpoint: str | Path, data_dir: str | Path, split: str = "val",
                    gates: Sequence[float] = DEFAULT_GATES, gate: float | None = None,
                    majority: float | None = None, merge: float | None = None,
-                   batch_size: int = 128,
-                   num_workers: int = 0, accelerator: str = "auto") -> dict:
-    """One checkpoint's full and gated passes over a labelled split, and the gate sweep;
-    ``gate``, ``majority`` and ``merge`` None: the checkpoint's own."""
+                   batch_size: int = 128, num_workers: int = 0, accelerator: str = "auto",
+                   repeats: int = 1) -> dict:
+    """One checkpoint's full and gated passes over a labelled split (``repeats`` of each,
+    alternating; each pass's time the median), and the gate sweep; ``gate``, ``majority``
+    and ``merge`` None: the checkpoint's own."""
     contents = read_checkpoint(checkpoint)
     gate = float(contents.model.get("search_gate", SEARCH_GATE)) if gate is None else gate
     majority = contents.model.get("search_majority") if majority is None else majority
@@ -128,8 +132,13 @@ def measure_search(checkpoint: str | Path, data_dir: str | Path, split: str = "v
                             limit_batches=1)
     trainer = build_trainer(accelerator, precision=contents.precision, progress_bar=False)
     predict_with_reader(full, datamodule, warm_up, subset=True)
-    full_seconds, full_crops, full_out = _timed_pass(full, datamodule, trainer)
-    gated_seconds, gated_crops, gated_out = _timed_pass(gated, datamodule, trainer)
+    seconds: dict[str, list[float]] = {"full": [], "gated": []}
+    for _ in range(repeats):
+        full_time, full_crops, full_out = _timed_pass(full, datamodule, trainer)
+        gated_time, gated_crops, gated_out = _timed_pass(gated, datamodule, trainer)
+        seconds["full"].append(full_time)
+        seconds["gated"].append(gated_time)
+    full_seconds, gated_seconds = (statistics.median(seconds[key]) for key in ("full", "gated"))
     count = len(full_out)
     # How far the gated pass strays from the full one, image by image: with merging, the
     # sweep cannot replay it, and these counts are less noisy than the score difference.
@@ -141,10 +150,13 @@ def measure_search(checkpoint: str | Path, data_dir: str | Path, split: str = "v
     return {
         "checkpoint": str(checkpoint), "split": split, "images": count,
         "precision": contents.precision, "gate": gate, "majority": majority, "merge": merge,
-        "full": {"seconds": full_seconds, "images_per_s": count / full_seconds,
+        "repeats": repeats,
+        "full": {"seconds": full_seconds, "seconds_each": seconds["full"],
+                 "images_per_s": count / full_seconds,
                  "reads_per_image": full_crops / count,
-                 "score": float(whole_string_correct(full_out.probs, full_out.targets).mean())},
-        "gated": {"seconds": gated_seconds, "images_per_s": count / gated_seconds,
+                 "score": float(full_right.float().mean())},
+        "gated": {"seconds": gated_seconds, "seconds_each": seconds["gated"],
+                  "images_per_s": count / gated_seconds,
                   "score": float(gated_right.float().mean()),
                   "searched_share": float(gated_out.searched.float().mean()),
                   "reads_per_image": gated_crops / count,
@@ -164,7 +176,7 @@ def format_search_table(report: dict) -> str:
         steps += f", chains merged at IoU {report['merge']:g}"
     lines = [
         f"{Path(report['checkpoint']).name} on {report['split']} ({report['images']} images, "
-        f"{report['precision']}):",
+        f"{report['precision']}; each pass's median of {report['repeats']}):",
         f"  full search : {full['images_per_s']:7.1f} images/s  score {full['score']:.3f}  "
         f"{full['reads_per_image']:.1f} crop reads per image",
         f"  gated ({report['gate']:g}{steps}): {gated['images_per_s']:7.1f} images/s  score "

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from svhn.analysis import bench
+from svhn.data.datamodule import SVHNDataModule
 
 TINY_RUN = ["--backbones", "simple_cnn", "--batch_size", "8", "--max_batches", "2",
             "--repeats", "1", "--num_workers", "0", "--device", "cpu", "--threads", "1"]
@@ -184,12 +185,20 @@ def test_synthetic_set_is_reused_when_it_matches(synthetic_dir: Path) -> None:
 
 @pytest.mark.parametrize("majority", [None, 0.5])
 def test_the_search_bench_times_both_searches_and_its_sweep_matches_the_gated_pass(
-        easy_zoom_run, tmp_path, majority) -> None:
+        easy_zoom_run, tmp_path, monkeypatch, majority) -> None:
     """The sweep's scores come from the full pass alone; the gated pass is a real second
     run, so at the timed gate the two must agree, image for image counted (with a
     majority: the reader's two-step search against the sweep's replay of it)."""
     out = tmp_path / "search.json"
     steps = [] if majority is None else ["--search_majority", str(majority)]
+    cached = []  # the splits whose image cache the bench builds or opens
+    built_cache = SVHNDataModule._built_cache
+
+    def recording_built_cache(self, split, root):
+        cached.append(split)
+        return built_cache(self, split, root)
+
+    monkeypatch.setattr(SVHNDataModule, "_built_cache", recording_built_cache)
     code = bench.main(["--search", str(easy_zoom_run.best), "--data_dir",
                        str(easy_zoom_run.data_dir), "--split", "val", "--gate", "0.2",
                        "--batch_size", "16", "--num_workers", "0", "--device", "cpu",
@@ -197,6 +206,7 @@ def test_the_search_bench_times_both_searches_and_its_sweep_matches_the_gated_pa
     assert code == 0
     report = json.loads(out.read_text())["search"][0]
     assert report["images"] == 81 and report["gate"] == 0.2
+    assert set(cached) == {"val"}  # the split searched only: never the train set's cache
     for key in ("full", "gated"):  # each pass timed twice, its median reported
         each = report[key]["seconds_each"]
         assert len(each) == 2 and report[key]["seconds"] == pytest.approx(sum(each) / 2)

@@ -124,13 +124,14 @@ def measure_search(checkpoint: str | Path, data_dir: str | Path, split: str = "v
     merge = contents.model.get("search_merge") if merge is None else merge
     datamodule = evaluation_datamodule(contents, data_dir, split, batch_size=batch_size,
                                        num_workers=num_workers, labelled=True)
-    datamodule.prepare_data()  # the cache is built once, outside the timing
     full = load_reader(contents, zoom_search=True, search_gate=1.0)
     gated = load_reader(contents, zoom_search=True, search_gate=gate,
                         search_majority=majority, search_merge=merge)
     warm_up = build_trainer(accelerator, precision=contents.precision, progress_bar=False,
                             limit_batches=1)
     trainer = build_trainer(accelerator, precision=contents.precision, progress_bar=False)
+    # The warm-up batch also builds the split's image cache, outside the timing (the
+    # trainer's predict stage: only the split read, never the train set).
     predict_with_reader(full, datamodule, warm_up, subset=True)
     seconds: dict[str, list[float]] = {"full": [], "gated": []}
     for _ in range(repeats):

@@ -205,7 +205,7 @@ def test_the_search_bench_times_both_searches_and_its_sweep_matches_the_gated_pa
                        "--repeats", "2", "--out", str(out), *steps])
     assert code == 0
     report = json.loads(out.read_text())["search"][0]
-    assert report["images"] == 81 and report["gate"] == 0.2
+    assert report["images"] == 81 and report["gate"] == 0.2 and report["batch_size"] == 16
     assert set(cached) == {"val"}  # the split searched only: never the train set's cache
     for key in ("full", "gated"):  # each pass timed twice, its median reported
         each = report[key]["seconds_each"]
@@ -311,3 +311,16 @@ def test_timm_args_reach_the_benched_reader_written_as_fit_takes_them(capsys) ->
             bench.parse_args(["--timm_args", bad])
         assert stop.value.code == 2
         assert "--timm_args" in capsys.readouterr().err
+
+
+def test_the_search_is_timed_at_the_batch_svhn_predict_reads_in() -> None:
+    """--search measures svhn.predict's path, so by default its batch too (the gated
+    pass's window reads are fuller in bigger batches); other modes keep their own."""
+    from svhn.inference.predictor import PREDICT_BATCH_SIZE
+
+    search, _ = bench.parse_args(["--search", "run.ckpt", "--data_dir", "data"])
+    assert search.batch_size == PREDICT_BATCH_SIZE
+    stages, _ = bench.parse_args([])
+    assert stages.batch_size == bench.BenchConfig().batch_size != PREDICT_BATCH_SIZE
+    chosen, _ = bench.parse_args(["--search", "run.ckpt", "--batch_size", "16"])
+    assert chosen.batch_size == 16

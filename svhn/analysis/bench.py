@@ -777,7 +777,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
                              "stem_width: 16}' (configs/real_cpu.yaml's)")
     parser.add_argument("--image_size", type=int, nargs=2, default=defaults.image_size,
                         metavar=("H", "W"))
-    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help=f"images per batch (default {defaults.batch_size}; with "
+                             f"--search svhn.predict's, {predictor.PREDICT_BATCH_SIZE})")
     parser.add_argument("--num_workers", type=int, default=None,
                         help=f"dataloader workers (default: the datamodule's, here "
                              f"{default_num_workers()})")
@@ -822,6 +824,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
                                                "search_majority", "search_merge", "scale",
                                                "scale_train", "scale_test")}
     args["image_size"] = tuple(args["image_size"])
+    if args["batch_size"] is None:  # the search is timed at the batch svhn.predict reads in
+        args["batch_size"] = predictor.PREDICT_BATCH_SIZE if output["search"] else \
+            defaults.batch_size
     return BenchConfig(**args), output
 
 

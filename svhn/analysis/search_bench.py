@@ -2,8 +2,9 @@
 ``python -m svhn.bench --search CKPT [CKPT ...] --data_dir DIR [--split val]``.
 
 Each checkpoint reads the split through ``svhn.predict``'s path (``Trainer.predict``,
-the checkpoint's precision, the image cache built beforehand, one warm-up batch first), in
-two timed passes, each repeated ``--repeats`` times (alternating, so a drift in the
+the checkpoint's precision and, unless ``--batch_size`` says otherwise, svhn.predict's
+batch; the image cache built beforehand, one warm-up batch first), in two timed passes,
+each repeated ``--repeats`` times (alternating, so a drift in the
 machine's speed hits both; each pass's median time kept): the full search (every image's 29
 chains) and the gated one (the window chains only where the first two chains disagree or
 the first is less confident than the gate: ``DigitReader.unsure``). The full pass also yields
@@ -35,7 +36,12 @@ import torch
 
 from svhn.data.labels import canonical_predictions
 from svhn.inference.checkpoints import load_reader, read_checkpoint
-from svhn.inference.predictor import build_trainer, evaluation_datamodule, predict_with_reader
+from svhn.inference.predictor import (
+    PREDICT_BATCH_SIZE,
+    build_trainer,
+    evaluation_datamodule,
+    predict_with_reader,
+)
 from svhn.model.metrics import whole_string_correct
 from svhn.model.reader import FIRST_WINDOWS, SEARCH_GATE
 from svhn.model.vote import chains_unsure, majority_share, vote_over_chains
@@ -113,8 +119,8 @@ def _timed_pass(reader, datamodule, trainer) -> tuple[float, int, object]:
 def measure_search(checkpoint: str | Path, data_dir: str | Path, split: str = "val",
                    gates: Sequence[float] = DEFAULT_GATES, gate: float | None = None,
                    majority: float | None = None, merge: float | None = None,
-                   batch_size: int = 128, num_workers: int = 0, accelerator: str = "auto",
-                   repeats: int = 1) -> dict:
+                   batch_size: int = PREDICT_BATCH_SIZE, num_workers: int = 0,
+                   accelerator: str = "auto", repeats: int = 1) -> dict:
     """One checkpoint's full and gated passes over a labelled split (``repeats`` of each,
     alternating; each pass's time the median), and the gate sweep; ``gate``, ``majority``
     and ``merge`` None: the checkpoint's own."""
@@ -150,6 +156,7 @@ def measure_search(checkpoint: str | Path, data_dir: str | Path, split: str = "v
                        full_out.targets, sorted({*gates, gate}), majority)
     return {
         "checkpoint": str(checkpoint), "split": split, "images": count,
+        "batch_size": batch_size,
         "precision": contents.precision, "gate": gate, "majority": majority, "merge": merge,
         "repeats": repeats,
         "full": {"seconds": full_seconds, "seconds_each": seconds["full"],
@@ -177,7 +184,8 @@ def format_search_table(report: dict) -> str:
         steps += f", chains merged at IoU {report['merge']:g}"
     lines = [
         f"{Path(report['checkpoint']).name} on {report['split']} ({report['images']} images, "
-        f"{report['precision']}; each pass's median of {report['repeats']}):",
+        f"{report['precision']}, batch {report['batch_size']}; each pass's median of "
+        f"{report['repeats']}):",
         f"  full search : {full['images_per_s']:7.1f} images/s  score {full['score']:.3f}  "
         f"{full['reads_per_image']:.1f} crop reads per image",
         f"  gated ({report['gate']:g}{steps}): {gated['images_per_s']:7.1f} images/s  score "

@@ -25,7 +25,12 @@ from svhn.data.labels import BLANK, decode_probabilities, load_labels
 from svhn.data.layout import SPLITS, DataError, list_split
 from svhn.errors import OutputExistsError, command
 from svhn.inference.predictions import Predictions
-from svhn.inference.predictor import PRECISIONS, is_global_zero, predict_split
+from svhn.inference.predictor import (
+    PRECISIONS,
+    PREDICT_BATCH_SIZE,
+    is_global_zero,
+    predict_split,
+)
 from svhn.inference.submission import (
     SAMPLE_SUBMISSION,
     build_submission,
@@ -162,7 +167,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="test_a", choices=sorted(SPLITS))
     parser.add_argument("--out", type=Path, default=None,
                         help="CSV path (default submit/<ckpt-stem>[+<n>more]_<split>[_tta].csv)")
-    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=PREDICT_BATCH_SIZE)
     parser.add_argument("--num_workers", type=int, default=None,
                         help="dataloader workers (default 0 on <= 2 cpus, else min(8, cpus - 1))")
     parser.add_argument("--accelerator", default="auto")

@@ -40,6 +40,8 @@ __all__ = ["build_trainer", "evaluation_datamodule", "is_global_zero", "PRECISIO
            "predict_split", "predict_with_reader", "PredictionRows", "ReaderPredictor"]
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # Lightning's names; 16-mixed: GPUs
+# Images per prediction batch (svhn.predict's --batch_size, and svhn.bench --search's).
+PREDICT_BATCH_SIZE = 128
 
 
 class ReaderPredictor(L.LightningModule):
@@ -142,7 +144,7 @@ _GATHERED = ("file_names", "probs", "boxes", "targets", "chain_probs", "chain_bo
 
 
 def evaluation_datamodule(contents: CheckpointContents, data_dir: str | Path, split: str, *,
-                          batch_size: int = 128, num_workers: int | None = 0,
+                          batch_size: int = PREDICT_BATCH_SIZE, num_workers: int | None = 0,
                           cache_dir: str | Path | None = None,
                           labelled: bool = False) -> SVHNDataModule:
     """The split as the checkpoint's validation saw it: same size, cache scale and
@@ -188,7 +190,8 @@ def predict_with_reader(reader: DigitReader, datamodule: SVHNDataModule, trainer
 def predict_split(
     checkpoints: Sequence[str | Path | CheckpointContents], data_dir: str | Path,
     split: str = "test_a", *,
-    views: Sequence[str] = PLAIN_VIEWS, batch_size: int = 128, num_workers: int | None = 0,
+    views: Sequence[str] = PLAIN_VIEWS, batch_size: int = PREDICT_BATCH_SIZE,
+    num_workers: int | None = 0,
     accelerator: str = "auto", devices: int | str | list[int] = 1, strategy: str | None = None,
     precision: str | None = None, channels_last: bool | None = None,
     zoom_search: bool | None = None, search_gate: float | None = None,

@@ -37,7 +37,8 @@ from svhn.model.vote import vote_over_chains
 from svhn.precision import AUTO, auto_precision, emulated_bf16_notice
 
 __all__ = ["build_trainer", "evaluation_datamodule", "is_global_zero", "PRECISIONS",
-           "predict_split", "predict_with_reader", "PredictionRows", "ReaderPredictor"]
+           "PREDICT_BATCH_SIZE", "predict_split", "predict_with_reader", "PredictionRows",
+           "ReaderPredictor"]
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # Lightning's names; 16-mixed: GPUs
 # Images per prediction batch (svhn.predict's --batch_size, and svhn.bench --search's).

@@ -8,9 +8,9 @@
 #      (configs/gpu_full.yaml) in a 3-minute time budget (its 40 epochs on an H200), timed,
 #      then the gated zoom search against the full one on val with that checkpoint;
 #   3. one summary: $OUT/gpu_check.json and $OUT/gpu_check.md.
-# Usage: [SVHN_DATA_DIR=../shared/data/mchar] [OUT=gpu_check] scripts/gpu_check.sh
-# python3 throughout: GPU images often have no plain `python` (the H200 of 2026-12-04 had
-# none). Its run there took 4 minutes: docs/performance.md.
+# Usage: [SVHN_DATA_DIR=data/mchar] [OUT=gpu_check] scripts/gpu_check.sh
+# python3 throughout: GPU images often have no plain `python`. What it measured on an H200:
+# docs/performance.md.
 set -euo pipefail
 OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"

@@ -18,15 +18,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["CACHE_DIR", "CONFIGS_DIR", "DATA_DIR", "QUICKSTART_CONFIG", "recipe",
-           "RUNS_DIR", "SUBMIT_DIR", "SYNTHETIC_DIR", "SYNTHETIC_SMALL_DIR"]
+__all__ = ["BENCH_SYNTHETIC_DIR", "CACHE_DIR", "CONFIGS_DIR", "DATA_DIR", "QUICKSTART_CONFIG",
+           "recipe", "RUNS_DIR", "SUBMIT_DIR", "SYNTHETIC_DIR", "synthetic_extra_dir",
+           "SYNTHETIC_SMALL_DIR"]
 
 DATA_DIR = Path("data/mchar")  # the competition layout (data/README.md)
 SYNTHETIC_DIR = Path("data/synthetic")  # the quick start's generated set, made once
 SYNTHETIC_SMALL_DIR = Path("data/synthetic_small")  # svhn.report's last resort
+BENCH_SYNTHETIC_DIR = Path("data/bench_synthetic")  # svhn.bench's set without --data_dir
 CACHE_DIR = Path("data/cache")  # decoded images, one sub-folder per dataset
 RUNS_DIR = Path("runs")  # runs/<name>/version_N/, written by svhn.fit
 SUBMIT_DIR = Path("submit")  # submission CSVs written by svhn.predict
+
+
+def synthetic_extra_dir(count: int) -> Path:
+    """Where ``--data.synthetic_extra N`` generates its N images, once."""
+    return Path(f"data/synthetic_extra_{count}")
 
 
 def _configs_dir() -> Path:

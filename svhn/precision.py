@@ -1,21 +1,23 @@
 """Which precision is fast on this machine: ``precision: auto`` (``svhn.fit``,
 ``svhn.predict --precision auto``) and the notice when bf16 would run emulated.
 
-bf16 autocast is 2-3x faster than float32 on CPUs with AVX512-BF16 or AMX and on GPUs with
-bf16 (Ampere and newer); on a CPU without them PyTorch emulates bf16 and a training step
-runs 15-30x slower than in float32 (docs/performance.md). A recipe that hard-codes
+bf16 autocast is several times faster than float32 on CPUs with AVX512-BF16 or AMX and on
+GPUs with bf16 (Ampere and newer); on a CPU without them PyTorch emulates bf16 and a training step
+runs many times slower than in float32 (docs/performance.md). A recipe that hard-codes
 ``bf16-mixed`` is then the slowest choice, so the recipes ask for ``auto``. An explicit
 precision is always used as given.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
 import torch
 
-__all__ = ["AUTO", "auto_precision", "cpu_bf16_flags", "cpuinfo_value", "emulated_bf16_notice"]
+__all__ = ["AUTO", "auto_precision", "cpu_bf16_flags", "cpuinfo_value", "emulated_bf16_notice",
+           "machine"]
 
 AUTO = "auto"
 # /proc/cpuinfo flags of the instructions that make bf16 fast on a CPU
@@ -41,6 +43,20 @@ def cpu_bf16_flags(cpuinfo: Path = _CPUINFO) -> list[str]:
     OS does not say: not Linux)."""
     flags = set((cpuinfo_value("flags", cpuinfo) or "").split())
     return [flag for flag in _CPU_BF16_FLAGS if flag in flags]
+
+
+def machine(device_type: str = "cpu") -> dict[str, object]:
+    """The machine a figure was measured on, as the result files name it: its ``class``
+    (``gpu``, ``cpu-bf16`` where bf16 runs natively, else ``cpu-no-bf16``), the GPU's or
+    the CPU's ``name`` (with its bf16 flags) and the CPU ``cores``."""
+    cpu = cpuinfo_value("model name") or platform.processor() or platform.machine()
+    flags = cpu_bf16_flags()
+    if device_type == "cuda" and torch.cuda.is_available():
+        kind, name = "gpu", torch.cuda.get_device_name()
+    else:
+        kind = "cpu-bf16" if flags else "cpu-no-bf16"
+        name = f"{cpu} ({', '.join(flags) or 'no AVX512-BF16 or AMX'})"
+    return {"class": kind, "name": name, "cores": os.cpu_count()}
 
 
 def _on_cuda(accelerator: str) -> bool:

@@ -1,9 +1,9 @@
 """Score: ``python -m svhn.score --submission SUBMISSION.csv --labels LABELS.json``
-(see ``svhn.analysis.score``)."""
+(see ``svhn.inference.scoring``)."""
 
 import sys
 
-from svhn.analysis.score import main
+from svhn.inference.scoring import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from svhn.analysis import bench
+from svhn.analysis import bench, timing
 from svhn.data.datamodule import SVHNDataModule
 from svhn.inference.predictor import PREDICT_BATCH_SIZE
 
@@ -32,7 +32,7 @@ STAGES = ("gather", "device_augment")
 
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return bench.prepare_synthetic(tmp_path_factory.mktemp("bench") / "data", 24, 12)
+    return timing.prepare_synthetic(tmp_path_factory.mktemp("bench") / "data", 24, 12)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_the_tutorial_reference_runs_as_the_tutorial_does() -> None:
 def test_synthetic_set_is_reused_when_it_matches(synthetic_dir: Path) -> None:
     marker = synthetic_dir / "SYNTHETIC_DATASET.txt"
     before = marker.stat().st_mtime_ns
-    assert bench.prepare_synthetic(synthetic_dir, 24, 12) == synthetic_dir
+    assert timing.prepare_synthetic(synthetic_dir, 24, 12) == synthetic_dir
     assert marker.stat().st_mtime_ns == before
 
 
@@ -287,8 +287,8 @@ def test_the_epoch_timer_leaves_the_first_batch_out_when_steady(monkeypatch, ste
     # The clock: the epoch starts at 0, the first batch (the workers' start) ends at 5,
     # each later one 1 s after the last; the epoch ends with its last batch.
     now = [0.0]
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
-    timer = bench.EpochTimer(torch.device("cpu"), steady=steady)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    timer = timing.EpochTimer(torch.device("cpu"), steady=steady)
     batch = {"image": torch.zeros(8, 3, 4, 4)}
     timer.on_train_epoch_start(None, None)
     for index in range(batches):

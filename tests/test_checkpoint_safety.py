@@ -22,13 +22,10 @@ from helpers.checkpoints import write_format_1_checkpoint
 from helpers.runs import PLAIN_MODEL
 
 from svhn.analysis import report
+from svhn.checkpoint_format import CheckpointError, read_checkpoint
 from svhn.inference import cli as predict_cli
 from svhn.inference import predictor
-from svhn.inference.checkpoints import (
-    CheckpointError,
-    load_reader,
-    read_checkpoint,
-)
+from svhn.inference.checkpoints import load_reader
 from svhn.inference.submission import read_submission
 from svhn.model.training import DigitSequenceModel
 from svhn.train import cli as fit_cli

@@ -40,6 +40,7 @@ from svhn.inference.predictor import ReaderPredictor
 from svhn.model import detector
 from svhn.model.reader import HEADS, DigitReader
 from svhn.model.training import DigitSequenceModel
+from svhn.model.vote import answer_confidence
 
 pytestmark = pytest.mark.skipif(not torch.backends.cuda.is_built(),
                                 reason="this torch build has no CUDA to fake")
@@ -94,6 +95,20 @@ def test_the_zoom_search_runs_on_the_device_without_waiting_for_it(fake_cuda, he
     assert all(value.device == CUDA for value in out.values())
     # On the device the 29 chains run side by side: one read per zoom step.
     assert reads == [4] + [4 * 29] * READER["zoom_steps"]
+
+
+def test_a_pseudo_labelling_read_stays_on_the_device_until_its_answers(fake_cuda):
+    # What a round of --data.unlabelled reads per batch: the full search and each answer's
+    # confidence, computed where the reader runs (no host read before the copy back).
+    reader = _moved_to_cuda(lambda: DigitReader(**READER, search_gate=1.0).eval())
+    images = _on_cuda(lambda: _batch()["image"])
+    with torch.no_grad():
+        out = reader(images)
+        probs = out["logits"].float().softmax(-1)
+        confidence = answer_confidence(probs, out["chain_logits"].float().softmax(-1),
+                                       out["chain_boxes"])
+    assert confidence.shape == (4,) and confidence.device == CUDA
+    assert out["char_boxes"].device == CUDA
 
 
 def _giou_loss_without_masks(boxes, targets, reduction="none", eps=1e-7):

@@ -246,6 +246,9 @@ def test_zoom_overlay_composes_with_a_backbone_config(capsys):
                                           "max_epochs: 40", "backbone: resnet18d",
                                           "timm_args: null",  # the full width
                                           "time_budget:\n  minutes: null"]),
+    (["real_cpu.yaml", "gpu_full.yaml", "unlabelled.yaml"],
+     ["accelerator: gpu", "unlabelled: test_a", "rounds:\n  - 0.5\n  - 0.75",
+      "threshold: 0.3", "char_boxes: true"]),
 ])
 def test_recipe_chains_of_overlays_compose(chain, expected, capsys):
     args = [a for name in chain for a in ("--config", str(REPO / "configs" / name))]

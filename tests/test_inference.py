@@ -14,10 +14,11 @@ from helpers.runs import PLAIN_MODEL
 from lightning.pytorch.callbacks import ModelSummary
 from PIL import Image
 
+from svhn.checkpoint_format import CheckpointError, read_checkpoint
 from svhn.data.images import DEFAULT_IMAGE_SIZE
 from svhn.inference import cli as predict_cli
 from svhn.inference import ensemble, predictions, predictor, views
-from svhn.inference.checkpoints import CheckpointError, load_reader, read_checkpoint
+from svhn.inference.checkpoints import load_reader
 from svhn.model import vote
 
 

@@ -23,9 +23,9 @@ import yaml
 import svhn
 from svhn.analysis import plots, report
 from svhn.analysis.runs import collect_runs, format_table
+from svhn.checkpoint_format import CheckpointContents, read_checkpoint
 from svhn.data.layout import SYNTHETIC_TEST_LABELS
 from svhn.inference import cli as predict_cli
-from svhn.inference.checkpoints import CheckpointContents, read_checkpoint
 from svhn.inference.provenance import data_notice
 from svhn.train.cli import build_cli
 

@@ -82,7 +82,7 @@ def test_a_fit_with_auto_records_what_it_ran_in(easy_data_dir, tmp_path, cpu_wit
     # What svhn.predict reads to run a checkpoint in its validation's precision: never "auto"
     from helpers.runs import fit_easy, short_fit_args
 
-    from svhn.inference.checkpoints import read_checkpoint
+    from svhn.checkpoint_format import read_checkpoint
 
     cpu_with(flags)
     run = fit_easy(easy_data_dir, tmp_path / "cache", tmp_path / "runs",

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from helpers.runs import last_logged, run_module, run_predict
 
-from svhn.analysis import score
-from svhn.analysis.score import score_file
 from svhn.data.labels import BLANK, decode_probabilities, encode_label, load_labels
 from svhn.inference import cli as predict_cli
+from svhn.inference import scoring
 from svhn.inference.predictor import predict_split
+from svhn.inference.scoring import score_file
 from svhn.inference.submission import SAMPLE_SUBMISSION, is_digit_code, read_submission
 
 BOX_LOSS_BETA = 0.05  # the box loss the model logs: smooth L1 with this beta
@@ -76,7 +76,7 @@ def test_predict_prints_rows_and_score(trained_checkpoint, tmp_path, capsys):
 def score_cli(submission: Path, labels: Path, capsys) -> dict:
     """``python -m svhn.score --json``: the report a user reads."""
     capsys.readouterr()
-    assert score.main(["--submission", str(submission), "--labels", str(labels), "--json"]) == 0
+    assert scoring.main(["--submission", str(submission), "--labels", str(labels), "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 

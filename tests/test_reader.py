@@ -7,7 +7,7 @@ from helpers.logits import reading_logits
 
 import svhn.model.reader
 from svhn.data.labels import BLANK
-from svhn.model.geometry import box_from_crop, crop_boxes, crop_region, leader_boxes, pairwise_iou
+from svhn.geometry import box_from_crop, crop_boxes, crop_region, leader_boxes, pairwise_iou
 from svhn.model.reader import DigitHeads, DigitReader, search_windows
 from svhn.model.training import DigitSequenceModel
 from svhn.model.vote import vote

@@ -17,8 +17,8 @@ from helpers.layout import write_split
 from PIL import Image
 
 from svhn.analysis import plots, report, tables
+from svhn.checkpoint_format import read_checkpoint
 from svhn.data.labels import BLANK, NUM_CLASSES
-from svhn.inference.checkpoints import read_checkpoint
 from svhn.inference.predictions import Predictions
 
 MAX_LEN = 5

@@ -393,3 +393,17 @@ def test_efficiency_figure_plots_each_run_s_score_against_its_images(tmp_path, c
     assert main([str(tmp_path / "old"), "--efficiency", str(tmp_path / "x.png")]) == 2
     assert "no run with a recorded number of training images" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_table_as_a_result_file_names_the_machine_and_never_overwrites(fits, tmp_path):
+    from svhn.precision import machine
+
+    out = tmp_path / "runs.csv"
+    assert main([str(fits.runs), "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert len(rows) == 2 and set(COLUMNS) <= set(rows[0])
+    here = machine("cpu")
+    assert all(row["machine"] == f"{here['class']}: {here['name']}" for row in rows)
+    before = out.read_text()
+    assert main([str(fits.runs), "--csv", str(out)]) == 2  # exists: refused, untouched
+    assert out.read_text() == before and not list(tmp_path.glob("*.partial"))

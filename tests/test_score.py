@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from helpers.layout import write_labels
 
-from svhn.analysis.score import char_matches, main, read_submission, score_file, score_submission
+from svhn.inference.scoring import char_matches, main, read_submission, score_file, score_submission
 from svhn.inference.submission import (
     SubmissionError,
     build_submission,

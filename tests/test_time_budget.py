@@ -157,6 +157,7 @@ def _replans_over(monkeypatch, epoch_seconds: list[float], minutes: float,
     monkeypatch.setattr(time_budget, "_now", lambda: now[0])
     budget = TimeBudget(minutes=minutes)
     trainer = SimpleNamespace(current_epoch=0, max_epochs=max_epochs, global_step=0,
+                              num_training_batches=10, accumulate_grad_batches=1,
                               should_stop=False, lr_scheduler_configs=[],
                               strategy=SimpleNamespace(broadcast=lambda value, src: value))
     plans = []
@@ -165,6 +166,7 @@ def _replans_over(monkeypatch, epoch_seconds: list[float], minutes: float,
     budget.on_train_start(trainer, None)
     for epoch, seconds in enumerate(epoch_seconds):
         trainer.current_epoch, trainer.global_step = epoch, 10 * (epoch + 1)
+        budget.on_train_epoch_start(trainer, None)
         now[0] += seconds
         budget.on_train_epoch_end(trainer, None)
         if trainer.should_stop:
@@ -205,3 +207,67 @@ def test_a_plan_grows_back_when_epochs_get_clearly_faster(monkeypatch):
     # 10 s epochs plan 10 of 20 in 100 s; then 2 s epochs: many more fit, and the plan grows.
     plans = _replans_over(monkeypatch, [10.0] * 3 + [2.0] * 30, 100 / 60, 20)
     assert plans[0] == 10 and max(plans) > 10
+
+
+def _fake_run(monkeypatch, epochs: list[tuple[int, float, float]], minutes: float,
+              max_epochs: int) -> tuple[list[int], TimeBudget]:
+    """A budget over a fake clock and trainer: each epoch (batches, seconds, seconds of
+    one-off work after it, set aside as a pseudo-labelling round does)."""
+    from types import SimpleNamespace
+
+    now = [0.0]
+    monkeypatch.setattr(time_budget, "_now", lambda: now[0])
+    budget = TimeBudget(minutes=minutes)
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=max_epochs, global_step=0,
+                              num_training_batches=0, accumulate_grad_batches=1,
+                              should_stop=False, lr_scheduler_configs=[],
+                              strategy=SimpleNamespace(broadcast=lambda value, src: value))
+    plans = []
+    monkeypatch.setattr(TimeBudget, "_replan",
+                        lambda self, trainer, planned, done, per_epoch: plans.append(planned))
+    budget.on_train_start(trainer, None)
+    for epoch, (batches, seconds, one_off) in enumerate(epochs):
+        trainer.current_epoch, trainer.num_training_batches = epoch, batches
+        budget.on_train_epoch_start(trainer, None)
+        now[0] += seconds
+        trainer.global_step += batches
+        budget.on_train_epoch_end(trainer, None)
+        now[0] += one_off
+        budget.set_aside(one_off)
+        if trainer.should_stop:
+            break
+    return plans, budget
+
+
+def test_one_off_work_is_spent_from_the_budget_but_not_taken_for_epoch_time(monkeypatch):
+    # 10 s epochs in 200 s: 20 fit. A 50 s pass after epoch 5 takes 5 epochs' time once;
+    # counted as epoch time it would also make every later epoch look longer.
+    plans, _ = _fake_run(monkeypatch, [(10, 10.0, 50.0 if e == 4 else 0.0)
+                                       for e in range(30)], 200 / 60, 40)
+    assert plans[-1] == 15
+
+
+def test_epochs_that_grow_are_planned_at_their_new_size(monkeypatch):
+    # 10 batches in 10 s, then from epoch 6 on 20 batches (20 s) in a 200 s budget: 5 epochs
+    # of 10 s and 7 of 20 s fit (50 + 140 = 190 s); at the old size 19 would be planned.
+    plans, _ = _fake_run(monkeypatch, [(10, 10.0, 0.0)] * 5 + [(20, 20.0, 0.0)] * 20,
+                         200 / 60, 40)
+    assert plans[-1] == 12
+
+
+def test_a_schedule_follows_epochs_that_change_size_without_a_budget():
+    from types import SimpleNamespace
+
+    scheduler = _one_cycle(100)  # sized for 10 epochs of 10 batches
+    for _ in range(30):
+        scheduler.optimizer.step()
+        scheduler.step()
+    trainer = SimpleNamespace(current_epoch=3, max_epochs=10, global_step=30,
+                              num_training_batches=10, accumulate_grad_batches=1,
+                              lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler,
+                                                                    interval="step")])
+    budget = TimeBudget()  # no budget: still the owner of the schedule's length
+    budget.on_train_epoch_start(trainer, None)
+    trainer.num_training_batches = 15  # pseudo-labelled images joined
+    budget.on_train_epoch_start(trainer, None)
+    assert scheduler.total_steps == 30 + 7 * 15

@@ -8,10 +8,11 @@ import pytest
 import torch
 from helpers.runs import PLAIN_MODEL
 
-from svhn.analysis.score import score_file
+from svhn.checkpoint_format import CheckpointError
 from svhn.data.datamodule import SVHNDataModule
-from svhn.inference.checkpoints import CheckpointError, load_reader
+from svhn.inference.checkpoints import load_reader
 from svhn.inference.cli import main as predict_main
+from svhn.inference.scoring import score_file
 from svhn.model.training import DigitSequenceModel
 from svhn.train.cli import build_cli
 

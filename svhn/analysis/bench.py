@@ -34,10 +34,7 @@ import argparse
 import contextlib
 import gc
 import json
-import logging
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,17 +49,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from svhn.analysis.timing import (
+    EpochTimer,
+    accelerator_for,
+    batch_images,
+    describe_environment,
+    median_rate,
+    prepare_synthetic,
+    progress,
+    quiet_lightning,
+    resolve_device,
+)
 from svhn.data.batch_augment import BatchAugment
 from svhn.data.datamodule import SVHNDataModule, default_num_workers
 from svhn.data.images import DEFAULT_IMAGE_SIZE
 from svhn.data.labels import DEFAULT_MAX_LEN, NUM_CLASSES, encode_label
 from svhn.data.layout import list_split
-from svhn.data.synthetic import MARKER_NAME, generate_dataset
 from svhn.data.transforms import PRESETS
 from svhn.errors import SettingError, command
 from svhn.inference import predictor
@@ -70,18 +76,18 @@ from svhn.inference.predictor import PRECISIONS
 from svhn.model.backbones import IMAGENET_MEAN, IMAGENET_STD
 from svhn.model.reader import DigitReader
 from svhn.model.training import DigitSequenceModel
-from svhn.precision import cpuinfo_value
+from svhn.paths import BENCH_SYNTHETIC_DIR
 
-__all__ = ["autocast", "AUTOCAST_DTYPES", "BACKBONE_RATIOS", "batch_images", "BenchConfig",
+__all__ = ["autocast", "AUTOCAST_DTYPES", "BACKBONE_RATIOS", "BenchConfig",
            "benchmark_backbone", "build_datamodule", "build_model", "capped_batches",
-           "COMPILE_RATIO", "compute_ratios", "cores_to_feed", "cpu_name",
-           "describe_environment", "EpochTimer", "format_stages", "format_table",
+           "COMPILE_RATIO", "compute_ratios", "cores_to_feed",
+           "format_stages", "format_table",
            "gathered_batches", "loader_pass", "main", "measure_cache_build",
            "measure_end_to_end_turns", "measure_model_alone", "measure_our_predict",
-           "measure_pipeline", "measure_predictions", "measure_stages", "median_rate",
-           "one_thread", "parse_args", "PER_CORE_RATIO", "PIPELINE_RATIO", "prepare_synthetic",
-           "progress", "quiet_lightning", "ratio_entry", "resolve_device", "run_benchmark",
-           "synchronize", "SYNTHETIC_VAL", "TARGETED_END_TO_END", "TUTORIAL_BATCH_SIZE",
+           "measure_pipeline", "measure_predictions", "measure_stages",
+           "one_thread", "parse_args", "PER_CORE_RATIO", "PIPELINE_RATIO",
+           "ratio_entry", "run_benchmark",
+           "TARGETED_END_TO_END", "TUTORIAL_BATCH_SIZE",
            "TUTORIAL_CROP", "tutorial_eval_transform", "tutorial_loader",
            "tutorial_predict_pass", "TUTORIAL_RESIZE", "tutorial_settings",
            "tutorial_train_transform", "TutorialDataset"]
@@ -90,7 +96,6 @@ TUTORIAL_BATCH_SIZE = 40
 TUTORIAL_RESIZE = DEFAULT_IMAGE_SIZE  # the tutorial's 64x128, the project's default too
 TUTORIAL_CROP = (60, 120)
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-SYNTHETIC_VAL = 16  # validation never runs here: a token split only completes the layout
 # (name, numerator, denominator, target): numerator / denominator should reach the target.
 PIPELINE_RATIO = ("pipeline / tutorial pipeline", "pipeline", "tutorial_pipeline", 3.0)
 # Worker-side CPU work per image: gathering for device augmentation vs albumentations.
@@ -110,7 +115,7 @@ class BenchConfig:
     """Everything a benchmark run depends on (recorded in the JSON report)."""
 
     data_dir: str | None = None
-    synthetic_dir: str = "data/bench_synthetic"
+    synthetic_dir: str = str(BENCH_SYNTHETIC_DIR)
     synthetic_train: int = 2000
     synthetic_test: int = 1000
     backbones: list[str] = field(default_factory=lambda: ["simple_cnn", "resnet18"])
@@ -139,37 +144,6 @@ class BenchConfig:
 
 
 # -- timing ---------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so a timer measures the work and not its launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_rate(run_pass: Callable[[], int], repeats: int, device: torch.device) -> dict:
-    """One warm-up pass, then the median images/s of ``repeats`` timed passes.
-
-    ``run_pass`` does one pass and returns how many images it handled. ``warmup_s`` is the
-    warm-up pass's time (with ``torch.compile`` it holds the compilation).
-    """
-    synchronize(device)
-    start = time.perf_counter()
-    run_pass()
-    synchronize(device)
-    warmup = time.perf_counter() - start
-    rates = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        images = run_pass()
-        synchronize(device)
-        rates.append(images / (time.perf_counter() - start))
-    return {"images_per_s": statistics.median(rates), "runs": rates, "images": images,
-            "warmup_s": warmup}
-
-
-def batch_images(batch: dict | Sequence) -> torch.Tensor:
-    """The image tensor of a datamodule batch (dict) or a tutorial batch (tuple)."""
-    return batch["image"] if isinstance(batch, dict) else batch[0]
 
 
 def capped_batches(loader: DataLoader, max_images: int) -> Iterator:
@@ -190,19 +164,6 @@ def loader_pass(loader: DataLoader, max_images: int) -> Callable[[], int]:
 
 
 # -- data -----------------------------------------------------------------------------------
-def prepare_synthetic(out_dir: Path, n_train: int, n_test: int) -> Path:
-    """Generate the synthetic set unless a matching one is already there."""
-    wanted = {"n_train": n_train, "n_val": SYNTHETIC_VAL, "n_test": n_test}
-    marker = out_dir / MARKER_NAME
-    if marker.is_file() and (out_dir / "mchar_train.json").is_file():
-        line = next((ln for ln in marker.read_text().splitlines()
-                     if ln.startswith("parameters: ")), "")
-        found = json.loads(line.removeprefix("parameters: ") or "{}")
-        if all(found.get(k) == v for k, v in wanted.items()):
-            return out_dir
-    print(f"generating a synthetic set in {out_dir} ...", file=sys.stderr, flush=True)
-    return generate_dataset(out_dir, n_train=n_train, n_val=SYNTHETIC_VAL, n_test=n_test, seed=0,
-                            progress=True)
 
 
 def build_datamodule(cfg: BenchConfig, data_dir: Path, cache_dir: Path,
@@ -335,17 +296,6 @@ def tutorial_loader(data_dir: Path, split: str, train: bool, num_workers: int) -
 
 
 # -- model ----------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available.")
-    return torch.device(name)
-
-
-def accelerator_for(device: torch.device) -> str:
-    """Lightning's name for the accelerator of ``device``."""
-    return "gpu" if device.type == "cuda" else "cpu"
 
 
 def build_model(backbone: str, cfg: BenchConfig, device: torch.device) -> DigitReader:
@@ -389,48 +339,6 @@ def measure_model_alone(backbone: str, cfg: BenchConfig, device: torch.device) -
         return steps * cfg.batch_size
 
     return median_rate(run, cfg.repeats, device)
-
-
-class EpochTimer(Callback):
-    """Images/s of each train or predict epoch (epoch start to epoch end hooks). ``steady``
-    times from the end of each epoch's first batch instead: the loader workers' start and
-    the first batch left out, as the model alone is timed after its warm-up (on a GPU they
-    can be most of a 10-batch epoch); an epoch of one batch is then timed whole."""
-
-    def __init__(self, device: torch.device, steady: bool = False):
-        self.device = device
-        self.steady = steady
-        self.rates: list[float] = []
-        self._epoch_start = 0.0
-        self._images = 0  # this epoch's, the first batch's included
-        self._first: tuple[float, int] | None = None  # (time, images) after the first batch
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        synchronize(self.device)
-        self._epoch_start, self._images, self._first = time.perf_counter(), 0, None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._images += len(batch_images(batch))
-        if self.steady and self._first is None:  # a steady timing starts here
-            synchronize(self.device)
-            self._first = (time.perf_counter(), self._images)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        synchronize(self.device)
-        start, before = self._epoch_start, 0
-        if self._first is not None and self._images > self._first[1]:
-            start, before = self._first  # else one batch only: the epoch timed whole
-        self.rates.append((self._images - before) / (time.perf_counter() - start))
-
-    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.on_train_epoch_start(trainer, pl_module)
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                             dataloader_idx: int = 0) -> None:
-        self.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.on_train_epoch_end(trainer, pl_module)
 
 
 def measure_end_to_end_turns(backbone: str, cfg: BenchConfig,
@@ -551,21 +459,6 @@ def cores_to_feed(model_rate: float, per_core_rate: float) -> int:
     return max(1, math.ceil(model_rate / per_core_rate))
 
 
-def cpu_name() -> str:
-    return cpuinfo_value("model name") or platform.processor() or platform.machine()
-
-
-def describe_environment(cfg: BenchConfig, device: torch.device, data_dir: Path,
-                         synthetic: bool) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    return {
-        "device": device.type, "device_name": name, "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "num_workers": cfg.workers,
-        "torch": torch.__version__, "data_dir": str(data_dir), "synthetic_data": synthetic,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
 def _fmt_rate(measurement: dict) -> str:
     return f"{measurement['images_per_s']:,.0f}"
 
@@ -674,21 +567,6 @@ def format_table(report: dict) -> str:
 
 
 # -- running --------------------------------------------------------------------------------
-@contextlib.contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Keep Lightning's per-fit banners out of the report (its harmless warnings are
-    filtered for every command: ``svhn.console.quiet_libraries``)."""
-    logger = logging.getLogger("lightning.pytorch")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def benchmark_backbone(backbone: str, cfg: BenchConfig, datamodule: SVHNDataModule,
@@ -726,7 +604,7 @@ def _run_measurements(cfg: BenchConfig) -> dict:
     data_dir = (prepare_synthetic(Path(cfg.synthetic_dir), cfg.synthetic_train,
                                   cfg.synthetic_test) if synthetic else Path(cfg.data_dir))
     report: dict = {"config": asdict(cfg),
-                    "environment": describe_environment(cfg, device, data_dir, synthetic)}
+                    "environment": describe_environment(cfg.workers, device, data_dir, synthetic)}
     with tempfile.TemporaryDirectory(prefix="svhn-bench-cache-") as cache_dir:
         datamodule = build_datamodule(cfg, data_dir, Path(cache_dir))
         progress("cache build")
@@ -814,6 +692,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
     modes.add_argument("--search_merge", type=float, default=None,
                        help="with --search: the gated pass merges chains whose boxes overlap "
                             "by this IoU (default: each checkpoint's own)")
+    modes.add_argument("--pseudo_labels", metavar="CKPT", default=None,
+                       help="how well the checkpoint's confidence picks right answers on "
+                            "--split (kept share and precision by threshold) and its "
+                            "reading pass's time (svhn.analysis.pseudo_label_bench)")
+    modes.add_argument("--single_read", action="store_true",
+                       help="with --pseudo_labels: read with one zoom chain, not the search")
     modes.add_argument("--scale", action="store_true",
                        help="how costs grow with the data: synthetic sets of --scale_train "
                             "train images and a --scale_test test set (svhn.analysis.scale_bench)")
@@ -822,11 +706,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
     args = vars(parser.parse_args(argv))
     output = {key: args.pop(key) for key in ("json", "out", "search", "gate",
                                                "search_majority", "search_merge", "scale",
-                                               "scale_train", "scale_test")}
+                                               "scale_train", "scale_test", "pseudo_labels",
+                                               "single_read")}
     args["image_size"] = tuple(args["image_size"])
     if args["batch_size"] is None:  # the search is timed at the batch svhn.predict reads in
-        args["batch_size"] = predictor.PREDICT_BATCH_SIZE if output["search"] else \
-            defaults.batch_size
+        args["batch_size"] = predictor.PREDICT_BATCH_SIZE \
+            if output["search"] or output["pseudo_labels"] else defaults.batch_size
     return BenchConfig(**args), output
 
 
@@ -843,9 +728,26 @@ def _search_report(cfg: BenchConfig, output: dict) -> tuple[dict, str]:
                               batch_size=cfg.batch_size, num_workers=cfg.workers,
                               accelerator=accelerator_for(device), repeats=cfg.repeats)
                for path in output["search"]]
-    report = {"environment": describe_environment(cfg, device, Path(cfg.data_dir), False),
+    report = {"environment": describe_environment(cfg.workers, device, Path(cfg.data_dir),
+                                                  False),
               "search": reports}
     return report, "\n\n".join(format_search_table(r) for r in reports)
+
+
+def _pseudo_label_report(cfg: BenchConfig, output: dict) -> tuple[dict, str]:
+    from svhn.analysis.pseudo_label_bench import format_pseudo_label_table, measure_pseudo_labels
+
+    if not cfg.data_dir:
+        raise SettingError("--pseudo_labels reads a split: give --data_dir (and --split val, "
+                           "say).")
+    device = resolve_device(cfg.device)
+    report = measure_pseudo_labels(output["pseudo_labels"], cfg.data_dir, cfg.split,
+                                   single_read=output["single_read"],
+                                   batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                   accelerator=accelerator_for(device))
+    report["environment"] = describe_environment(cfg.workers, device, Path(cfg.data_dir),
+                                                 False)
+    return report, format_pseudo_label_table(report)
 
 
 def _scale_report(cfg: BenchConfig, output: dict) -> tuple[dict, str]:
@@ -867,6 +769,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with quiet_lightning():  # also Lightning's per-fit banners
         if output["search"]:
             report, table = _search_report(cfg, output)
+        elif output["pseudo_labels"]:
+            report, table = _pseudo_label_report(cfg, output)
         elif output["scale"]:
             report, table = _scale_report(cfg, output)
         else:

@@ -26,10 +26,10 @@ from pathlib import Path
 import pandas as pd
 
 from svhn.analysis import plots, tables
+from svhn.checkpoint_format import CheckpointContents, read_checkpoint
 from svhn.data.images import default_cache_dir
 from svhn.data.layout import has_competition_data
 from svhn.errors import MissingInputError, OutputExistsError, command
-from svhn.inference.checkpoints import CheckpointContents, read_checkpoint
 from svhn.inference.predictions import Predictions
 from svhn.inference.provenance import data_kind, fold_notice, training_data
 from svhn.paths import CACHE_DIR, DATA_DIR, RUNS_DIR, SYNTHETIC_DIR, SYNTHETIC_SMALL_DIR

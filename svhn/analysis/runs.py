@@ -33,9 +33,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from svhn.errors import MissingInputError, SettingError, command
+from svhn.errors import MissingInputError, OutputExistsError, SettingError, command
 from svhn.paths import DATA_DIR, RUNS_DIR
-from svhn.train.run_dir import RunDir
+from svhn.run_dir import RunDir
 from svhn.train.run_summary import (
     read_run_summary,
     recorded_seconds,
@@ -48,6 +48,7 @@ __all__ = ["collect_runs", "COLUMNS", "find_run_dirs", "fold_summary", "format_t
 
 COLUMNS = [
     "run", "backbone", "recipe", "data", "seed", "train_on", "fold", "train_images",
+    "unlabelled", "machine",
     "val_held_out", "epochs", "max_epochs", "sessions", "train_seconds", "time_source",
     "best_seq_acc", "best_epoch", "last_seq_acc", "status", "checkpoint", "problems",
 ]
@@ -133,6 +134,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         row["recipe"] = "not recorded"
         row["sessions"] = n_configs or None
     row["data"] = _data_label(summary, data)
+    row["unlabelled"] = _unlabelled_label(summary)
+    recorded = (summary or {}).get("machine") or {}
+    row["machine"] = f"{recorded['class']}: {recorded['name']}" if recorded else None
     if folds is not None and fold is not None:  # cross-validation: the other folds trained on
         row["fold"] = f"{fold}/{folds}"
         train_on = list(_FOLD_SPLITS)
@@ -173,6 +177,14 @@ def _data_label(summary: dict[str, Any] | None, data: dict[str, Any]) -> str | N
     if data and not data.get("synthetic_fallback"):
         return DATA_DIR.name + extra  # the default data/mchar, with no fallback to synthetic
     return None  # the quick start's default: data/mchar or its synthetic fallback
+
+
+def _unlabelled_label(summary: dict[str, Any] | None) -> str | None:
+    """The images without labels a run learnt from (``--data.unlabelled``), and how many."""
+    record = ((summary or {}).get("data") or {}).get("unlabelled")
+    if not isinstance(record, dict):
+        return None
+    return f"{record.get('source')} ({record.get('images', '?')} images)"
 
 
 def _read_config(run_dir: Path, problems: list[str]) -> tuple[dict[str, Any], int]:
@@ -236,7 +248,7 @@ def _read_checkpoints(run_dir: Path, held_out: bool, problems: list[str]) -> dic
     else:
         problems.append("no last.ckpt" if not held_out else "no best checkpoint")
     if last.is_file() and not run.metrics.is_file():
-        from svhn.inference.checkpoints import CheckpointError, read_checkpoint
+        from svhn.checkpoint_format import CheckpointError, read_checkpoint
 
         try:  # no metrics (e.g. a W&B run): the epoch count is in the checkpoint
             epoch = read_checkpoint(last).epoch
@@ -314,6 +326,7 @@ def format_table(table: pd.DataFrame) -> str:
         "train_on": table["train_on"].fillna("-"),
         "fold": table["fold"].fillna("-"),
         "images": table["train_images"].map(_int_text),
+        "unlabelled": table["unlabelled"].fillna("-"),
         "held_out": table["val_held_out"].map(
             lambda v: "-" if pd.isna(v) else ("yes" if v else "NO")),
         "epochs": [f"{_int_text(e)}/{_int_text(m)}"
@@ -329,6 +342,8 @@ def format_table(table: pd.DataFrame) -> str:
     })
     if not table["fold"].notna().any():
         shown = shown.drop(columns="fold")  # no cross-validation run among them
+    if not table["unlabelled"].notna().any():
+        shown = shown.drop(columns="unlabelled")  # no run learnt from unlabelled images
     if table["problems"].fillna("").astype(bool).any():
         shown["problems"] = table["problems"].fillna("")
     lines = [shown.to_string(index=False)]
@@ -417,6 +432,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="only runs whose name matches (shell pattern, e.g. 'resnet*')")
     parser.add_argument("--json", action="store_true",
                         help="every column as a JSON list of objects")
+    parser.add_argument("--csv", metavar="FILE",
+                        help="also write every column, the machine each run trained on "
+                             "included, as a CSV file (a result file; never over one)")
     parser.add_argument("--efficiency", metavar="PNG",
                         help="also draw best and last val/seq_acc against the number of "
                              "training images of the runs listed (e.g. --name 'real_cpu*' "
@@ -427,6 +445,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.csv and Path(args.csv).exists():
+        raise OutputExistsError(f"{args.csv}: exists; svhn.runs never writes over a file. "
+                                "Name a new one.")
     table = collect_runs(args.runs_dir)
     if args.name:
         names = table["run"].str.split("/").str[0]
@@ -438,6 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for run, problems in zip(table["run"], table["problems"].fillna("")):
         if problems:
             print(f"svhn.runs: {run}: {problems}", file=sys.stderr)
+    if args.csv:
+        partial = Path(f"{args.csv}.partial")
+        table.to_csv(partial, index=False)
+        partial.replace(args.csv)
     if args.efficiency:
         from svhn.analysis.plots import data_efficiency, save
 

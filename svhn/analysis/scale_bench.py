@@ -31,6 +31,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from svhn.analysis.timing import (
+    SYNTHETIC_VAL,
+    EpochTimer,
+    accelerator_for,
+    describe_environment,
+    prepare_synthetic,
+    quiet_lightning,
+    resolve_device,
+)
 from svhn.errors import SettingError
 
 __all__ = ["build_layouts", "format_scale_table", "measure_one", "measure_scale"]
@@ -129,7 +138,6 @@ def measure_one(layout: Path, backbone: str, image_size: tuple[int, int], batch_
     import lightning as L
     import torch
 
-    from svhn.analysis.bench import EpochTimer, quiet_lightning
     from svhn.data.datamodule import SVHNDataModule
     from svhn.inference.predictor import build_trainer, predict_with_reader
     from svhn.model.training import DigitSequenceModel
@@ -176,14 +184,6 @@ def measure_one(layout: Path, backbone: str, image_size: tuple[int, int], batch_
 # -- all sizes --------------------------------------------------------------------------------
 def measure_scale(cfg, train_sizes: Sequence[int], test_size: int) -> dict:
     """Every size in its own process; ``cfg`` is the bench's ``BenchConfig``."""
-    from svhn.analysis.bench import (
-        SYNTHETIC_VAL,
-        accelerator_for,
-        describe_environment,
-        prepare_synthetic,
-        resolve_device,
-    )
-
     if min(train_sizes) < 1 or test_size < 1 or len(set(train_sizes)) < 2:
         raise SettingError("--scale needs two or more different --scale_train sizes >= 1 and "
                            "--scale_test >= 1.")
@@ -208,7 +208,7 @@ def measure_scale(cfg, train_sizes: Sequence[int], test_size: int) -> dict:
     first, last = rows[0], rows[-1]
     ratios = {key: last[key] / first[key] for key in
               ("cache_ms_per_image", "epoch_ms_per_image", "predict_ms_per_image")}
-    return {"environment": describe_environment(cfg, device, source, True),
+    return {"environment": describe_environment(cfg.workers, device, source, True),
             "backbone": backbone, "val_images": SYNTHETIC_VAL, "rows": rows,
             "largest_over_smallest": ratios}
 

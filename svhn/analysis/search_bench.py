@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
+from svhn.checkpoint_format import read_checkpoint
 from svhn.data.labels import canonical_predictions
-from svhn.inference.checkpoints import load_reader, read_checkpoint
+from svhn.inference.checkpoints import load_reader
 from svhn.inference.predictor import (
     PREDICT_BATCH_SIZE,
     build_trainer,
@@ -43,7 +44,7 @@ from svhn.inference.predictor import (
     predict_with_reader,
 )
 from svhn.model.metrics import whole_string_correct
-from svhn.model.reader import FIRST_WINDOWS, SEARCH_GATE
+from svhn.model.reader import FIRST_WINDOWS
 from svhn.model.vote import chains_unsure, majority_share, vote_over_chains
 
 __all__ = ["DEFAULT_GATES", "answers_differ", "format_search_table", "gate_sweep",
@@ -125,14 +126,12 @@ def measure_search(checkpoint: str | Path, data_dir: str | Path, split: str = "v
     alternating; each pass's time the median), and the gate sweep; ``gate``, ``majority``
     and ``merge`` None: the checkpoint's own."""
     contents = read_checkpoint(checkpoint)
-    gate = float(contents.model.get("search_gate", SEARCH_GATE)) if gate is None else gate
-    majority = contents.model.get("search_majority") if majority is None else majority
-    merge = contents.model.get("search_merge") if merge is None else merge
     datamodule = evaluation_datamodule(contents, data_dir, split, batch_size=batch_size,
                                        num_workers=num_workers, labelled=True)
     full = load_reader(contents, zoom_search=True, search_gate=1.0)
     gated = load_reader(contents, zoom_search=True, search_gate=gate,
                         search_majority=majority, search_merge=merge)
+    gate, majority, merge = gated.search_gate, gated.search_majority, gated.search_merge
     warm_up = build_trainer(accelerator, precision=contents.precision, progress_bar=False,
                             limit_batches=1)
     trainer = build_trainer(accelerator, precision=contents.precision, progress_bar=False)

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from svhn.checkpoint_format import CheckpointContents
 from svhn.data.datasets import DigitImageDataset
 from svhn.data.images import DEFAULT_IMAGE_SIZE, ImageCache, read_rgb
 from svhn.data.labels import (
@@ -38,11 +39,10 @@ from svhn.data.labels import (
 from svhn.data.layout import SPLITS, SplitFiles, list_split
 from svhn.errors import SettingError
 from svhn.inference import predictor
-from svhn.inference.checkpoints import CheckpointContents
 from svhn.inference.predictions import Predictions
 from svhn.model.metrics import whole_string_correct
 from svhn.model.vote import chain_confidence
-from svhn.train.run_dir import RunDir
+from svhn.run_dir import RunDir
 
 __all__ = ["accuracy_by_length", "accuracy_by_position", "AUGMENT_PRESETS",
            "augmentation_draws", "AugmentedExample", "Box", "CLASS_NAMES",

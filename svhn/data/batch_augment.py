@@ -65,7 +65,7 @@ from svhn.data.transforms import (
     colour_range,
 )
 from svhn.errors import SettingError
-from svhn.model.geometry import grow_box, union_boxes
+from svhn.geometry import grow_box, union_boxes
 
 __all__ = ["affine_grid", "BACKENDS", "BatchAugment", "derive_seed", "Photometric"]
 
@@ -93,7 +93,7 @@ def derive_seed(*parts: int) -> int:
 
 def affine_grid(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``F.affine_grid(theta, (B, C, *size), align_corners=False)`` built as one broadcast
-    sum of a per-column and a per-row term (3x faster on CPU than its batched product)."""
+    sum of a per-column and a per-row term (faster on CPU than its batched product)."""
     height, width = size
     device = theta.device
     u = (torch.arange(width, device=device, dtype=theta.dtype) * 2 + 1) / width - 1
@@ -122,7 +122,7 @@ def _one_torch_thread() -> Iterator[None]:
     """Torch on one intra-op thread for a stretch of small ops (restored after). The OpenCV
     backend's torch work is a few hundred ops on (B, <=5, <=5) tensors: one thread is never
     slower for them, while a second one, after the model's parallel ops, spin-waits and on a
-    CPU shared with other processes made the whole batch 2-3x slower (measured)."""
+    CPU shared with other processes made the whole batch several times slower."""
     threads = torch.get_num_threads()
     if threads == 1:
         yield

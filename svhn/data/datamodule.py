@@ -30,6 +30,7 @@ from svhn.data.folds import (
 from svhn.data.images import DEFAULT_IMAGE_SIZE, ImageCache, default_cache_dir
 from svhn.data.labels import (
     DEFAULT_MAX_LEN,
+    Sample,
     clip_boxes_to_images,
 )
 from svhn.data.layout import (
@@ -45,9 +46,10 @@ from svhn.data.layout import (
     split_paths,
 )
 from svhn.data.transforms import PRESETS
+from svhn.data.unlabelled import check_unlabelled_source, unlabelled_files
 from svhn.errors import SettingError, at_least
 from svhn.paths import DATA_DIR as DEFAULT_DATA_DIR
-from svhn.paths import SYNTHETIC_DIR
+from svhn.paths import SYNTHETIC_DIR, synthetic_extra_dir
 
 __all__ = ["AUGMENT_ON", "default_num_workers", "fallback_notice", "SVHNDataModule"]
 
@@ -159,6 +161,10 @@ class SVHNDataModule(L.LightningDataModule):
             usual train / val split. train_on and val_on stay at their defaults.
         fold: with ``folds``, the fold validated on (0 <= fold < folds); the other folds
             are trained on. One run per fold; ``svhn.runs`` shows their mean and spread.
+        unlabelled: images without labels to learn from (``svhn.data.unlabelled``): a split
+            of data_dir (``test_a``) or a folder of images; never the split validated on.
+            The ``pseudo_labels`` rounds of ``svhn.fit`` read them with the model being
+            trained, which then trains on its confident readings too.
     """
 
     def __init__(
@@ -186,6 +192,7 @@ class SVHNDataModule(L.LightningDataModule):
         synthetic_extra: int = 0,
         folds: int | None = None,
         fold: int | None = None,
+        unlabelled: str | None = None,
     ):
         super().__init__()
         if augment not in PRESETS:  # here, not at setup: a refused run must write nothing
@@ -219,7 +226,10 @@ class SVHNDataModule(L.LightningDataModule):
         self._augment_epoch: int | None = None
         self.extra_train_dirs = [Path(d) for d in extra_train]
         if synthetic_extra > 0:
-            self.extra_train_dirs.append(Path(f"data/synthetic_extra_{synthetic_extra}"))
+            self.extra_train_dirs.append(synthetic_extra_dir(synthetic_extra))
+        check_unlabelled_source(unlabelled, self.data_dir, train_on, val_on, folds)
+        self._labelled_sets: list[Dataset] = []  # set by setup("fit"): what train_set holds
+        self.pseudo_labelled: list[Sample] = []  # set by set_pseudo_labels
 
     def _scaled(self, scale: float) -> tuple[int, int]:
         return round(self.image_size[0] * scale), round(self.image_size[1] * scale)
@@ -270,6 +280,8 @@ class SVHNDataModule(L.LightningDataModule):
             self._labelled_files(split, root)
         for split in unlabelled:
             self._built_cache(split, self.data_dir)
+        if self.hparams.unlabelled is not None and stage in (None, "fit"):
+            self._unlabelled_cache().build(self.num_workers, desc="caching unlabelled")
 
     def _splits_in_use(self, stage: str | None) -> tuple[list[str], list[str]]:
         """(labelled, unlabelled) splits a stage reads: training and validation splits must
@@ -314,11 +326,17 @@ class SVHNDataModule(L.LightningDataModule):
         """What this module trains on, as ``run_summary.json`` and its checkpoints record it:
         the data folder (resolved), whether it is a synthetic set (the quick start's
         fallback or one ``svhn.synthetic`` generated) and the extra training folders."""
-        return {"data_dir": str(self.data_dir.resolve()),
-                "synthetic": bool(self.uses_synthetic_fallback
-                                  or is_generated_set(self.data_dir)),
-                "fallback": bool(self.uses_synthetic_fallback),
-                "extra_train": [str(d.resolve()) for d in self.extra_train_dirs]}
+        record = {"data_dir": str(self.data_dir.resolve()),
+                  "synthetic": bool(self.uses_synthetic_fallback
+                                    or is_generated_set(self.data_dir)),
+                  "fallback": bool(self.uses_synthetic_fallback),
+                  "extra_train": [str(d.resolve()) for d in self.extra_train_dirs]}
+        if self.hparams.get("unlabelled") is not None:
+            files = self._unlabelled_files()
+            record["unlabelled"] = {"source": self.hparams.unlabelled,
+                                    "folder": str(files.image_paths[0].parent.resolve()),
+                                    "images": len(files.image_paths)}
+        return record
 
     def state_dict(self) -> dict:
         """Saved in every checkpoint of a fit (under ``SVHNDataModule``): what it was
@@ -346,6 +364,58 @@ class SVHNDataModule(L.LightningDataModule):
         height, width = self.cache_size
         return ImageCache(split_images(root, split), self.cache_size,
                           folder / f"{split}_{height}x{width}.npy")
+
+    # -- images without labels -----------------------------------------------------------
+    def _unlabelled_files(self) -> SplitFiles:
+        key = f"unlabelled:{self.hparams.unlabelled}"
+        if key not in self._listed_files:
+            self._listed_files[key] = unlabelled_files(self.data_dir, self.hparams.unlabelled)
+        return self._listed_files[key]
+
+    def _unlabelled_cache(self) -> ImageCache:
+        source = self.hparams.unlabelled
+        if source in SPLITS:
+            return self._cache_for(source)
+        folder = self._unlabelled_files().image_paths[0].parent
+        height, width = self.cache_size
+        return ImageCache(self._unlabelled_files().image_paths, self.cache_size,
+                          self.cache_dir / default_cache_dir(folder).name
+                          / f"images_{height}x{width}.npy")
+
+    def unlabelled_set(self) -> DigitImageDataset:
+        """The unlabelled images as evaluation reads them (no augmentation, eval_scale):
+        what a teacher reads to pseudo-label them."""
+        key = f"unlabelled:{self.hparams.unlabelled}:eval"
+        if key not in self.datasets:
+            cache = self._unlabelled_cache()
+            if not cache.is_fresh():
+                cache.build(self.num_workers, desc="caching unlabelled")
+            self.datasets[key] = DigitImageDataset(
+                self._unlabelled_files(), cache, "none", self.eval_size,
+                max_len=self.hparams.max_len)
+        return self.datasets[key]
+
+    def set_pseudo_labels(self, samples: list[Sample]) -> None:
+        """Train on these pseudo-labelled images (of ``unlabelled_set``) too, from the next
+        train loader on; they replace any earlier ones."""
+        files = self._unlabelled_files()
+        by_name = {path.name: path for path in files.image_paths}
+        unknown = [s.file_name for s in samples if s.file_name not in by_name]
+        if unknown:
+            raise ValueError(f"pseudo-labels for images not in {files.name}: {unknown[:3]}")
+        self.pseudo_labelled = list(samples)
+        if self.training_images is not None:
+            self.training_images["pseudo_labelled"] = len(samples)
+        if not samples:
+            self.train_set = TrainingSet(self._labelled_sets)
+            return
+        pseudo = DigitImageDataset(
+            SplitFiles(files.name, [by_name[s.file_name] for s in samples], list(samples)),
+            self._unlabelled_cache(), self.hparams.augment, self.image_size,
+            max_len=self.hparams.max_len, box_targets=self.hparams.box_targets,
+            gather_only=self.batch_augment is not None,
+            char_box_targets=self.hparams.char_box_targets)
+        self.train_set = TrainingSet([*self._labelled_sets, pseudo])
 
     def dataset(self, split: str, preset: str = "none", labelled: bool = True,
                 root: Path | None = None, gather_only: bool = False,
@@ -435,6 +505,9 @@ class SVHNDataModule(L.LightningDataModule):
             # What a data-efficiency curve is plotted against (svhn.runs).
             self.training_images = {"data_dir": sum(map(len, own)),
                                     "extra": sum(map(len, extra))}
+            self._labelled_sets = own + extra
+            if self.hparams.get("unlabelled") is not None:
+                self.training_images["unlabelled"] = len(self._unlabelled_files().image_paths)
         if stage in ("fit", "validate", "test", None):
             self.val_set = self._held_out_fold() if self.hparams.folds is not None else \
                 self.dataset(self.hparams.val_on)

@@ -37,7 +37,7 @@ import cv2
 from albumentations.pytorch import ToTensorV2
 
 from svhn.errors import SettingError
-from svhn.model.geometry import grow_box
+from svhn.geometry import grow_box
 
 __all__ = ["AFFINE", "AffineRange", "build_transform", "colour_range", "ColourRange",
            "needs_box", "PRESETS", "ZOOM_CROP_JITTER", "ZOOM_CROP_MARGIN", "ZOOM_CROP_P",

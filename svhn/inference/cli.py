@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from svhn.analysis.score import format_report, score_submission
 from svhn.data.labels import BLANK, decode_probabilities, load_labels
 from svhn.data.layout import SPLITS, DataError, list_split
 from svhn.errors import OutputExistsError, command
@@ -31,6 +30,7 @@ from svhn.inference.predictor import (
     is_global_zero,
     predict_split,
 )
+from svhn.inference.scoring import format_report, score_submission
 from svhn.inference.submission import (
     SAMPLE_SUBMISSION,
     build_submission,
@@ -175,18 +175,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--strategy", default=None, help="e.g. ddp (default: Lightning's auto)")
     parser.add_argument("--precision", default=None, choices=(*PRECISIONS, AUTO),
                         help="default: the precision each checkpoint was validated in (the "
-                             "score in its name). bf16-mixed: 2-3x faster with "
+                             "score in its name). bf16-mixed: several times faster with "
                              "--channels_last on CPUs with AMX or AVX512-BF16 and on recent "
                              "GPUs, many times slower on other CPUs; 16-mixed: GPUs; auto: "
                              "the fastest this machine has")
-    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+    # The reader's saved settings a prediction may override: every flag of this group goes
+    # to load_reader by its name (None: as trained), so a new one is added here only.
+    reader = parser.add_argument_group("reader settings (default: as the checkpoint was trained)")
+    reader.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                         help="memory format for the convolutions (default: as trained)")
-    parser.add_argument("--zoom_search", action=argparse.BooleanOptionalAction, default=None,
+    reader.add_argument("--zoom_search", action=argparse.BooleanOptionalAction, default=None,
                         help="start zoom chains from a grid of windows too and take the "
                              "reading most of them agree on (default: as trained; on in "
                              "configs/real_cpu.yaml). Up to 29x the crop reads, spent where "
                              "the first two chains are unsure (see --search_gate)")
-    gate = parser.add_mutually_exclusive_group()
+    gate = reader.add_mutually_exclusive_group()
     gate.add_argument("--search_gate", type=float, default=None,
                       help="run the search's 27 window chains where the first two chains "
                            "disagree or the first's confidence is below this (default: as "
@@ -195,12 +198,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     gate.add_argument("--full_search", action="store_true",
                       help="search every image (--search_gate 1): slower, the reference "
                            "the gate is measured against")
-    parser.add_argument("--search_majority", type=float, default=None,
+    reader.add_argument("--search_majority", type=float, default=None,
                         help="search in two steps: the 9 middle-size windows first, the "
                              "other 18 only where the vote then holds no reading with this "
                              "share of its support (default: as trained; 0.5 in "
                              "configs/real_cpu.yaml)")
-    parser.add_argument("--search_merge", type=float, default=None,
+    reader.add_argument("--search_merge", type=float, default=None,
                         help="in the gated search, do not read again a crop that overlaps "
                              "one read already by this IoU (default: as trained; "
                              "configs/real_cpu.yaml sets it)")
@@ -212,7 +215,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="also write the probabilities as <out>.npz (for ensembling)")
     parser.add_argument("--cache_dir", type=Path, default=None,
                         help="decoded-image cache (default data/cache/<dataset>-<hash>)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.reader_overrides = {action.dest: getattr(args, action.dest)
+                             for action in reader._group_actions}
+    if args.reader_overrides.pop("full_search"):
+        args.reader_overrides["search_gate"] = 1.0
+    return args
 
 
 def _check_data(data_dir: Path, split: str) -> None:
@@ -235,10 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.checkpoints, args.data_dir, args.split, views=views,
         batch_size=args.batch_size, num_workers=args.num_workers,
         accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-        precision=args.precision, channels_last=args.channels_last,
-        zoom_search=args.zoom_search, cache_dir=args.cache_dir,
-        search_gate=1.0 if args.full_search else args.search_gate,
-        search_majority=args.search_majority, search_merge=args.search_merge,
+        precision=args.precision, cache_dir=args.cache_dir, **args.reader_overrides,
     )
     if not is_global_zero():
         return 0  # rank 0 holds the same gathered rows and writes them once

@@ -8,10 +8,7 @@ from pathlib import Path
 
 import torch
 
-from svhn.inference.checkpoints import (
-    CheckpointContents,
-    CheckpointError,
-)
+from svhn.checkpoint_format import CheckpointContents, CheckpointError
 from svhn.inference.predictions import Predictions, any_searched, cat_or_none
 from svhn.model.vote import vote_over_chains
 

@@ -16,18 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
 
+from svhn.checkpoint_format import CheckpointContents, CheckpointError, read_checkpoint
 from svhn.data.datamodule import SVHNDataModule
-from svhn.inference.checkpoints import (
-    CheckpointContents,
-    CheckpointError,
-    load_reader,
-    read_checkpoint,
-)
+from svhn.inference.checkpoints import load_reader
 from svhn.inference.ensemble import combination_notice, combine, shared_max_len
 from svhn.inference.predictions import Predictions, any_searched, merge_sorted
 from svhn.inference.provenance import data_notice, fold_notice
@@ -194,18 +191,15 @@ def predict_split(
     views: Sequence[str] = PLAIN_VIEWS, batch_size: int = PREDICT_BATCH_SIZE,
     num_workers: int | None = 0,
     accelerator: str = "auto", devices: int | str | list[int] = 1, strategy: str | None = None,
-    precision: str | None = None, channels_last: bool | None = None,
-    zoom_search: bool | None = None, search_gate: float | None = None,
-    search_majority: float | None = None, search_merge: float | None = None,
-    cache_dir: str | Path | None = None, labelled: bool = False,
+    precision: str | None = None, cache_dir: str | Path | None = None,
+    labelled: bool = False, **reader_overrides: Any,
 ) -> Predictions:
     """Read a split with one or more checkpoints (and views), combined by ``combine``.
 
     ``precision`` None runs each checkpoint in the precision its validation ran in (what
-    the score in its file name was measured with); ``channels_last`` None keeps each
-    checkpoint's memory format, ``zoom_search`` None its search setting, ``search_gate``
-    None its gate (1: the full search, every image), ``search_majority`` None its two-step
-    search, ``search_merge`` None its merging of chains. Each file is
+    the score in its file name was measured with); ``reader_overrides`` replace each
+    checkpoint's reader settings by name (``load_reader``: ``zoom_search``, ``search_gate``
+    (1: the full search, every image), ...; None keeps the saved one). Each file is
     opened once (a ``CheckpointContents`` already read is not opened again): its settings
     and its reader come from that one read.
     """
@@ -226,9 +220,7 @@ def predict_split(
         datamodule = evaluation_datamodule(content, data_dir, split, batch_size=batch_size,
                                            num_workers=num_workers, cache_dir=cache_dir,
                                            labelled=labelled)
-        reader = load_reader(content, channels_last=channels_last,
-                             zoom_search=zoom_search, search_gate=search_gate,
-                             search_majority=search_majority, search_merge=search_merge)
+        reader = load_reader(content, **reader_overrides)
         if is_global_zero():
             print(f"Reading {split} with {content.path.name} in {run_precision} ({source}).",
                   flush=True)

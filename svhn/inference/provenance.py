@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from svhn.checkpoint_format import CheckpointContents
 from svhn.data.layout import is_generated_set
-from svhn.inference.checkpoints import CheckpointContents
 from svhn.paths import DATA_DIR
-from svhn.train.run_dir import RunDir
+from svhn.run_dir import RunDir
 from svhn.train.run_summary import TrainingData, read_run_summary, training_data_from_record
 
 __all__ = ["data_kind", "data_notice", "fold_notice", "training_data"]

@@ -26,9 +26,9 @@ from svhn.data.images import DEFAULT_IMAGE_SIZE
 from svhn.data.labels import BLANK, DEFAULT_MAX_LEN, NUM_CLASSES
 from svhn.data.transforms import ZOOM_CROP_MARGIN
 from svhn.errors import SettingError, at_least
+from svhn.geometry import box_from_crop, crop_boxes, crop_region, leader_boxes, paired_iou
 from svhn.model.backbones import create_backbone, input_normalization
 from svhn.model.detector import DETECTION_STRIDE, DetectionHead, decode_detections
-from svhn.model.geometry import box_from_crop, crop_boxes, crop_region, leader_boxes, paired_iou
 from svhn.model.vote import chains_unsure, majority_share, voted_chain
 
 __all__ = ["DigitHeads", "DigitReader", "FIRST_WINDOWS", "HEADS", "search_windows",
@@ -50,10 +50,10 @@ FIRST_WINDOWS = tuple(range(len(_SEARCH_CENTRES[0]) * len(_SEARCH_CENTRES[1]),
 # What a zoom chain keeps of each read (not the detector's maps).
 _CHAIN_KEYS = ("logits", "box", "char_boxes")
 # The search's chains run side by side, their crops read together per zoom step, at most
-# this many crops per read (to bound the memory): on a GPU, one chain at a time made the
-# gated search 0.7x as fast as the full one on an H200 (docs/performance.md). A CPU reads
-# 128 at a time, across chains: reads of 2,048 crops were 10 % slower there,
-# and the gated search's chains of a few unsure images would otherwise read in small batches.
+# this many crops per read (to bound the memory): on a GPU, one chain at a time left the
+# gated search slower than the full one (docs/performance.md). A CPU reads fewer at a time,
+# across chains: very large reads were slower there, and the gated search's chains of a few
+# unsure images would otherwise read in small batches.
 SEARCH_CROPS_PER_READ = 2048
 CPU_SEARCH_CROPS_PER_READ = 128
 
@@ -156,7 +156,7 @@ class DigitReader(nn.Module):
         detector_width: the detector's channels (its lateral projections and its two 3x3
             convolutions at stride 8); it does not follow the backbone's width. On the
             half-width ResNet18-D of ``configs/real_cpu.yaml`` a 96-wide head holds the
-            largest convolutions of the net: at 48 its training step is 1.2x faster.
+            largest convolutions of the net, so a narrower one trains faster.
     """
 
     def __init__(

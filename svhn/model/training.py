@@ -16,9 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from svhn.data.labels import BLANK, NUM_CLASSES
-from svhn.errors import SettingError, at_least
-from svhn.inference.checkpoints import (
+from svhn.checkpoint_format import (
     FORMAT_VERSION,
     CheckpointError,
     plain_settings,
@@ -27,6 +25,8 @@ from svhn.inference.checkpoints import (
     upgrade_hyperparameters,
     upgrade_state_dict,
 )
+from svhn.data.labels import BLANK, NUM_CLASSES
+from svhn.errors import SettingError, at_least
 from svhn.model.detector import detection_loss
 from svhn.model.metrics import SequenceMetrics, whole_string_correct
 from svhn.model.reader import DigitReader

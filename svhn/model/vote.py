@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from svhn.data.labels import canonical_predictions
-from svhn.model.geometry import paired_iou, pairwise_iou
+from svhn.geometry import paired_iou, pairwise_iou
 
-__all__ = ["chain_confidence", "chains_unsure", "majority_share", "pick_chain", "vote",
-           "vote_over_chains", "vote_probabilities", "voted_chain"]
+__all__ = ["answer_confidence", "chain_confidence", "chains_unsure", "majority_share",
+           "pick_chain", "vote", "vote_over_chains", "vote_probabilities", "voted_chain"]
 
 
 def voted_chain(chains: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -73,6 +73,19 @@ def chain_confidence(probs: torch.Tensor) -> torch.Tensor:
     """How sure a reading is: the product of its positions' top probabilities
     ((..., max_len, 11) -> (...)); the vote's weight, and the analysis's confidence."""
     return probs.amax(-1).prod(-1)
+
+
+def answer_confidence(probs: torch.Tensor, chain_probs: torch.Tensor | None = None,
+                      chain_boxes: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) how sure an answer is, for keeping it as a pseudo-label: its reading's
+    confidence (``chain_confidence`` of (N, max_len, 11) probabilities), times, after a zoom
+    search ((N, K, max_len, 11) chain probabilities, (N, K, 4) boxes), the share of the vote
+    its reading holds (``majority_share``): a confident chain outvoted or barely ahead is
+    not sure."""
+    confidence = chain_confidence(probs.float())
+    if chain_probs is None or chain_boxes is None:
+        return confidence
+    return confidence * majority_share(chain_probs.float(), chain_boxes.float())
 
 
 def pick_chain(per_chain: torch.Tensor, winner: torch.Tensor) -> torch.Tensor:

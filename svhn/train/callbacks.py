@@ -10,6 +10,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 
 from svhn.data.folds import FOLD_SPLITS
+from svhn.precision import machine
 from svhn.train.run_summary import (
     final_checkpoint,
     read_run_summary,
@@ -58,6 +59,7 @@ class RunSummaryWriter(Callback):
                             val_held_out=val_is_held_out(train_on, val_on, fold))
         if hasattr(datamodule, "training_data"):
             self.summary["data"] = datamodule.training_data()
+        self.summary["machine"] = machine(trainer.strategy.root_device.type)
         counts = getattr(trainer.datamodule, "training_images", None)
         if counts is not None:
             self.summary["train_images"] = counts

@@ -34,7 +34,9 @@ from svhn.data.datamodule import SVHNDataModule
 from svhn.errors import MissingInputError, SettingError, SvhnError, command
 from svhn.model.training import DigitSequenceModel
 from svhn.paths import QUICKSTART_CONFIG, RUNS_DIR, recipe
+from svhn.run_dir import RunDir
 from svhn.train.callbacks import RunSummaryWriter
+from svhn.train.pseudo_labels import PseudoLabels
 from svhn.train.resume import (
     LIGHTNING_CKPT_KEYWORDS,
     ResumeError,
@@ -44,7 +46,6 @@ from svhn.train.resume import (
     find_last_checkpoint,
     saved_schedule_steps,
 )
-from svhn.train.run_dir import RunDir
 from svhn.train.run_summary import final_checkpoint, not_held_out_message, val_is_held_out
 from svhn.train.time_budget import TimeBudget
 from svhn.train.trainer import Trainer, rank_zero_print
@@ -87,6 +88,8 @@ class SVHNCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         # --time_budget.minutes M: the schedule and the run end within M minutes of training.
         parser.add_lightning_class_args(TimeBudget, "time_budget")
+        # --pseudo_labels.rounds / .threshold: learning from --data.unlabelled images.
+        parser.add_lightning_class_args(PseudoLabels, "pseudo_labels")
         parser.link_arguments("data.max_len", "model.max_len")
         parser.link_arguments("data.image_size", "model.image_size")
         # Boxes move with the image under augmentation only where a head learns from them.
@@ -102,7 +105,7 @@ class SVHNCLI(LightningCLI):
         would instead overwrite the model settings with the checkpoint's here, silently
         dropping any that were changed.) ``validate`` / ``test``: the file must be a
         checkpoint; the model's settings then come from it, as in Lightning. Either way the
-        file is read by ``svhn.inference.checkpoints`` first (weights only: one that holds
+        file is read by ``svhn.checkpoint_format`` first (weights only: one that holds
         anything else is refused before any of it runs), then by Lightning, also with
         ``weights_only=True`` (``_prepare_subcommand_kwargs``).
         """

@@ -8,9 +8,9 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from svhn.checkpoint_format import CheckpointContents, CheckpointError, read_checkpoint
 from svhn.errors import SvhnError
-from svhn.inference.checkpoints import CheckpointContents, CheckpointError, read_checkpoint
-from svhn.train.run_dir import RunDir
+from svhn.run_dir import RunDir
 from svhn.train.time_budget import TimeBudget
 
 __all__ = ["check_resume_settings", "checkpoint_to_resume", "find_last_checkpoint",
@@ -89,7 +89,7 @@ def _remove_if_empty(folder: str | None) -> None:
 
 
 def checkpoint_to_resume(path: Path, for_resume: bool) -> CheckpointContents:
-    """The checkpoint (through ``svhn.inference.checkpoints``, the one reader); ResumeError
+    """The checkpoint (through ``svhn.checkpoint_format``, the one reader); ResumeError
     when it is
     not one of this project's, or, to resume, holds no training state."""
     try:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from svhn.errors import SettingError
-from svhn.train.run_dir import RunDir
+from svhn.run_dir import RunDir
 
 __all__ = ["final_checkpoint", "LAST_CHECKPOINT", "last_checkpoint_path",
            "not_held_out_message", "read_run_summary", "recorded_seconds", "RUN_SUMMARY_FILE",

@@ -4,10 +4,13 @@ A one-cycle or cosine schedule is sized for ``max_epochs``. On a slower machine 
 one) those epochs take longer, and ``trainer.max_time`` then stops the run with the
 learning rate still high: the last, most useful part of the schedule, its anneal, is never
 run. ``TimeBudget`` re-plans after every epoch instead: the run gets the epochs that fit in
-the time left at the mean epoch time so far (at most ``max_epochs``; after the first epoch,
-the mean of the epochs since, the first one holding the start-up), the schedule is re-sized
-to end with them, and the run stops there, after that epoch's validation and checkpoints.
-On a machine fast enough for ``max_epochs`` nothing changes.
+the time left (at most ``max_epochs``), each estimated from the time per training batch so
+far (after the first epoch, of the batches since: the first holds the start-up) and the
+epoch's size, the schedule is re-sized to end with them, and the run stops there, after
+that epoch's validation and checkpoints. On a machine fast enough for ``max_epochs``
+nothing changes. Epochs may grow (pseudo-labelled images joining them:
+``svhn.train.pseudo_labels``): when an epoch's number of batches changes, the schedule is
+re-sized to end with the planned epochs at that size, with or without a budget.
 """
 
 from __future__ import annotations
@@ -79,9 +82,14 @@ class TimeBudget(Callback):
         self.planned_epochs: int | None = None
         self.elapsed_before = 0.0  # training seconds of the run before this process resumed it
         self._started: float | None = None
-        # (epochs done, seconds) at the end of this process's first epoch, which also holds
+        # (batches done, seconds) at the end of this process's first epoch, which also holds
         # the start-up (workers, cuDNN's autotuning): later estimates leave it out.
         self._first: tuple[int, float] | None = None
+        self._batches_done = 0  # this process's training batches
+        self._epoch_batches: int | None = None  # the current epoch's
+        # Seconds of one-off work between epochs (a pseudo-labelling pass): spent from the
+        # budget, but no part of what a further epoch takes.
+        self._set_aside = 0.0
 
     @property
     def state_key(self) -> str:
@@ -102,15 +110,27 @@ class TimeBudget(Callback):
         if self.minutes is not None:
             self._started = _now()
 
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        batches = trainer.num_training_batches
+        if not isinstance(batches, int):  # an iterable without a length: nothing to plan
+            return
+        if self._epoch_batches is not None and batches != self._epoch_batches:
+            self._resize_for_epochs_of(trainer, batches)
+        self._epoch_batches = batches
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._batches_done += self._epoch_batches or 0
         if self.minutes is None or self._started is None:
             return
         done = trainer.current_epoch + 1  # the epoch that just ended, validation included
         elapsed = self._elapsed()
+        batches = max(1, self._epoch_batches or 1)
         if self._first is None:  # this process's first epoch: its start-up included
-            self._first, per_epoch = (done, elapsed), elapsed / done
-        else:  # the epochs since: what each further epoch will take
-            per_epoch = (elapsed - self._first[1]) / (done - self._first[0])
+            self._first, per_epoch = (self._batches_done, elapsed), elapsed / done
+        else:  # the batches since: what each further epoch will take, at its size
+            per_batch = (elapsed - self._set_aside - self._first[1]) / max(
+                1, self._batches_done - self._first[0])
+            per_epoch = per_batch * batches
         room = (self.minutes * 60 - elapsed) / per_epoch  # epochs that still fit
         most = trainer.max_epochs if (trainer.max_epochs or -1) > 0 else math.inf  # -1: no end
         def plan(epochs_that_fit: float) -> int:
@@ -130,8 +150,30 @@ class TimeBudget(Callback):
         if done >= planned:
             trainer.should_stop = True
 
+    def set_aside(self, seconds: float) -> None:
+        """Count ``seconds`` of one-off work after an epoch against the budget, but not
+        into the time a further epoch is expected to take."""
+        if self._first is not None:
+            self._set_aside += seconds
+
+    def _resize_for_epochs_of(self, trainer, batches: int) -> None:
+        """The epochs ahead hold ``batches`` batches, not the last epoch's: the schedule is
+        re-sized to end with the planned epochs at that size."""
+        planned = self.planned_epochs or trainer.max_epochs
+        if not planned or planned < 0:
+            return
+        steps = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        total = trainer.global_step + max(1, planned - trainer.current_epoch) * steps
+        resized = [resize_schedule(config.scheduler, total)
+                   for config in trainer.lr_scheduler_configs if config.interval == "step"]
+        if any(resized):
+            rank_zero_info(f"epochs now hold {batches} batches (before: "
+                           f"{self._epoch_batches}); the schedule now ends after epoch "
+                           f"{planned}.")
+
     def _replan(self, trainer, planned: int, done: int, per_epoch: float) -> None:
-        total = max(1, round(planned * trainer.global_step / done))  # optimiser steps
+        steps = math.ceil((self._epoch_batches or 1) / max(1, trainer.accumulate_grad_batches))
+        total = max(1, trainer.global_step + (planned - done) * steps)  # optimiser steps
         resized = [resize_schedule(config.scheduler, total)
                    for config in trainer.lr_scheduler_configs if config.interval == "step"]
         what = "the schedule now ends there" if any(resized) else "no schedule to re-size"

@@ -43,17 +43,21 @@ def draw_easy_number(digits: list[int], rng, digit_height: int = 26, jitter: int
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert("RGB"), boxes
 
 
-def make_easy_dataset(root: Path, seed: int = 0) -> Path:
-    """The competition layout (plus test-A labels and a sample submission) of easy images."""
+def make_easy_dataset(root: Path, seed: int = 0, counts: dict[str, int] | None = None,
+                      most_digits: int = 2, looks: dict[str, dict] | None = None) -> Path:
+    """The competition layout (plus test-A labels and a sample submission) of easy images,
+    ``counts`` images per split (default ``EASY_COUNTS``), 1 to ``most_digits`` digits;
+    ``looks`` gives a split other ``draw_easy_number`` arguments (digit_height, jitter)."""
     import numpy as np
 
-    for split_index, (split, count) in enumerate(EASY_COUNTS.items()):
+    for split_index, (split, count) in enumerate((counts or EASY_COUNTS).items()):
         entries, pictures = {}, {}
         for i in range(count):
             rng = np.random.default_rng([seed, split_index, i])
-            digits = [int(d) for d in rng.integers(0, 10, int(rng.integers(1, 3)))]
+            digits = [int(d) for d in rng.integers(0, 10, int(rng.integers(1, most_digits + 1)))]
             name = f"{i:06d}.png"
-            pictures[name], boxes = draw_easy_number(digits, rng)
+            pictures[name], boxes = draw_easy_number(digits, rng,
+                                                     **(looks or {}).get(split, {}))
             entries[name] = {"label": digits, "left": [b[0] for b in boxes],
                              "top": [b[1] for b in boxes], "width": [b[2] for b in boxes],
                              "height": [b[3] for b in boxes]}

@@ -150,28 +150,9 @@ def test_a_budget_stops_a_run_without_an_end_or_a_schedule(easy_data_dir, easy_f
 def _replans_over(monkeypatch, epoch_seconds: list[float], minutes: float,
                   max_epochs: int) -> list[int]:
     """The plans a budget re-sizes the schedule to, epoch by epoch, on a fake clock and a
-    fake trainer (one rank, no schedule)."""
-    from types import SimpleNamespace
-
-    now = [0.0]
-    monkeypatch.setattr(time_budget, "_now", lambda: now[0])
-    budget = TimeBudget(minutes=minutes)
-    trainer = SimpleNamespace(current_epoch=0, max_epochs=max_epochs, global_step=0,
-                              num_training_batches=10, accumulate_grad_batches=1,
-                              should_stop=False, lr_scheduler_configs=[],
-                              strategy=SimpleNamespace(broadcast=lambda value, src: value))
-    plans = []
-    monkeypatch.setattr(TimeBudget, "_replan",
-                        lambda self, trainer, planned, done, per_epoch: plans.append(planned))
-    budget.on_train_start(trainer, None)
-    for epoch, seconds in enumerate(epoch_seconds):
-        trainer.current_epoch, trainer.global_step = epoch, 10 * (epoch + 1)
-        budget.on_train_epoch_start(trainer, None)
-        now[0] += seconds
-        budget.on_train_epoch_end(trainer, None)
-        if trainer.should_stop:
-            break
-    return plans
+    fake trainer (one rank, no schedule, 10 batches an epoch)."""
+    return _fake_run(monkeypatch, [(10, seconds, 0.0) for seconds in epoch_seconds],
+                     minutes, max_epochs)[0]
 
 
 def _wobbling_epochs(seed: int) -> list[float]:

@@ -68,6 +68,36 @@ def test_svhn_fit_refuses_the_validation_split_in_one_line_and_writes_nothing(
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_reader_without_digit_boxes_is_refused_before_training(easy_data_dir, tmp_path,
+                                                                 capsys):
+    args = _fit_args(easy_data_dir, tmp_path, "--model.char_boxes", "false",
+                     "--trainer.max_epochs", "1", "--data.unlabelled", "test_a")
+    assert fit_main(args) == 2
+    assert "needs each digit's box" in capsys.readouterr().err
+    assert not list((tmp_path / "runs").glob("*/version_*"))
+
+
+def test_a_folder_of_photos_is_read_as_unlabelled_images(easy_data_dir, tmp_path):
+    import shutil
+
+    from svhn.data.layout import DataError
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.PNG"):
+        shutil.copy(easy_data_dir / "mchar_test_a" / "000001.png", photos / name)
+    (photos / "notes.txt").write_text("not an image")
+    dm = SVHNDataModule(str(easy_data_dir), image_size=(32, 64), num_workers=0,
+                        cache_dir=str(tmp_path / "cache"), unlabelled=str(photos))
+    assert dm.unlabelled_set().names == ["a.png", "b.PNG"]
+    assert dm.training_data()["unlabelled"]["images"] == 2
+    for image in ("a.png", "b.PNG"):
+        (photos / image).unlink()
+    empty = SVHNDataModule(str(easy_data_dir), num_workers=0, unlabelled=str(photos))
+    with pytest.raises(DataError, match="no image in it"):
+        empty.unlabelled_set()
+
+
 # -------------------------------------------------------------- confident readings, in pixels
 
 

@@ -303,3 +303,23 @@ def test_a_fit_learns_from_the_unlabelled_images(shifted_unlabelled_dir, tmp_pat
                               "--pseudo_labels.rounds", "[0.5]",
                               "--pseudo_labels.threshold", "0.9")
         assert taught > alone + 0.005, (seed, alone, taught)
+
+
+def test_a_later_round_that_would_eat_the_rest_of_the_budget_is_skipped(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from svhn.train.time_budget import TimeBudget
+
+    budget = TimeBudget(minutes=10)
+    budget.planned_epochs, budget.epoch_seconds = 20, 30.0
+    monkeypatch.setattr(budget, "seconds_left", lambda: 150.0)
+    trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(hparams={"unlabelled": "test_a"}),  # nothing to read
+        callbacks=[budget], should_stop=False, current_epoch=14, max_epochs=40)
+    callback = PseudoLabels(rounds=[0.5, 0.75])
+    callback.rounds_done, callback._pass_seconds = 1, 100.0
+    callback.on_train_epoch_end(trainer, None)  # 150 s left < 100 s + two 30 s epochs
+    assert callback.rounds_done == 2 and "round 2 skipped" in caplog.text
+    callback.rounds_done, callback._pass_seconds = 1, 80.0
+    with pytest.raises(AttributeError, match="unlabelled_set"):  # 150 >= 80 + 60: it reads
+        callback.on_train_epoch_end(trainer, None)

@@ -71,6 +71,7 @@ class PseudoLabels(Callback):
         self.rounds_done = 0
         self.samples: list[Sample] = []
         self._reload_before: int | None = None
+        self._pass_seconds: float | None = None  # the last round's reading pass
 
     @property
     def state_key(self) -> str:
@@ -114,6 +115,14 @@ class PseudoLabels(Callback):
         done, planned = trainer.current_epoch + 1, _planned_epochs(trainer)
         if done >= planned or done < math.ceil(self.rounds[self.rounds_done] * planned):
             return
+        budget = _time_budget(trainer)
+        if self._too_late(budget):
+            self.rounds_done += 1
+            rank_zero_info(
+                f"pseudo-labels, round {self.rounds_done} skipped: a reading pass as long as "
+                f"the last ({self._pass_seconds:.0f} s) would leave less than two epochs of "
+                "the time budget.")
+            return
         datamodule = trainer.datamodule
         start = time.monotonic()
         dataset = datamodule.unlabelled_set()
@@ -130,8 +139,7 @@ class PseudoLabels(Callback):
         # this schedule; set back once the next epoch has its new loader.
         self._reload_before = trainer.reload_dataloaders_every_n_epochs
         trainer.reload_dataloaders_every_n_epochs = 1
-        seconds = time.monotonic() - start
-        budget = next((c for c in trainer.callbacks if isinstance(c, TimeBudget)), None)
+        seconds = self._pass_seconds = time.monotonic() - start
         if budget is not None:
             budget.set_aside(seconds)
         kept = len(self.samples) / max(1, len(names))
@@ -142,9 +150,22 @@ class PseudoLabels(Callback):
             f"({kept:.0%}) at confidence >= {self.threshold:g} train from the next epoch.")
 
 
+    def _too_late(self, budget: TimeBudget | None) -> bool:
+        """A later round whose pass, as long as the last one, would leave the budget less
+        than two epochs to train on what it read."""
+        left = budget.seconds_left() if budget is not None else None
+        if left is None or self._pass_seconds is None:
+            return False
+        return left < self._pass_seconds + 2 * (budget.epoch_seconds or 0.0)
+
+
+def _time_budget(trainer) -> TimeBudget | None:
+    return next((c for c in trainer.callbacks if isinstance(c, TimeBudget)), None)
+
+
 def _planned_epochs(trainer) -> float:
     """The run's planned length: the time budget's plan, else ``max_epochs``."""
-    budget = next((c for c in trainer.callbacks if isinstance(c, TimeBudget)), None)
+    budget = _time_budget(trainer)
     if budget is not None and budget.planned_epochs is not None:
         return budget.planned_epochs
     return int(trainer.max_epochs) if (trainer.max_epochs or -1) > 0 else math.inf

@@ -90,6 +90,7 @@ class TimeBudget(Callback):
         # Seconds of one-off work between epochs (a pseudo-labelling pass): spent from the
         # budget, but no part of what a further epoch takes.
         self._set_aside = 0.0
+        self.epoch_seconds: float | None = None  # the latest estimate of a further epoch
 
     @property
     def state_key(self) -> str:
@@ -131,6 +132,7 @@ class TimeBudget(Callback):
             per_batch = (elapsed - self._set_aside - self._first[1]) / max(
                 1, self._batches_done - self._first[0])
             per_epoch = per_batch * batches
+        self.epoch_seconds = per_epoch
         room = (self.minutes * 60 - elapsed) / per_epoch  # epochs that still fit
         most = trainer.max_epochs if (trainer.max_epochs or -1) > 0 else math.inf  # -1: no end
         def plan(epochs_that_fit: float) -> int:
@@ -149,6 +151,12 @@ class TimeBudget(Callback):
         self.planned_epochs = planned
         if done >= planned:
             trainer.should_stop = True
+
+    def seconds_left(self) -> float | None:
+        """Seconds of the budget not yet spent (None without a budget)."""
+        if self.minutes is None or self._started is None:
+            return None
+        return self.minutes * 60 - self._elapsed()
 
     def set_aside(self, seconds: float) -> None:
         """Count ``seconds`` of one-off work after an epoch against the budget, but not

@@ -155,7 +155,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
     row["train_seconds"], row["time_source"] = _train_time(run_dir, summary)
     if summary is not None and n_configs > len(summary.get("sessions") or []):
-        # resumed from a run made before run_summary.json existed: earlier sessions unknown
+        # a run resumed (config_resumed_N.yaml) whose first fits predate run_summary.json:
+        # their training time is not recorded, so the column says how many fits it counts
         row["time_source"] += f" ({len(summary.get('sessions') or [])} of {n_configs} sessions)"
         row["sessions"] = n_configs
     row["status"] = _status(summary, row.get("epochs"), row.get("max_epochs"))

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["AUTO", "auto_precision", "cpu_bf16_flags", "cpuinfo_value", "emulated_bf16_notice",
-           "machine"]
+__all__ = ["AUTO", "auto_precision", "cpu_bf16_flags", "cpu_name", "cpuinfo_value",
+           "emulated_bf16_notice", "machine"]
 
 AUTO = "auto"
 # /proc/cpuinfo flags of the instructions that make bf16 fast on a CPU
@@ -45,11 +45,16 @@ def cpu_bf16_flags(cpuinfo: Path = _CPUINFO) -> list[str]:
     return [flag for flag in _CPU_BF16_FLAGS if flag in flags]
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo, else what the platform says)."""
+    return cpuinfo_value("model name") or platform.processor() or platform.machine()
+
+
 def machine(device_type: str = "cpu") -> dict[str, object]:
     """The machine a figure was measured on, as the result files name it: its ``class``
     (``gpu``, ``cpu-bf16`` where bf16 runs natively, else ``cpu-no-bf16``), the GPU's or
     the CPU's ``name`` (with its bf16 flags) and the CPU ``cores``."""
-    cpu = cpuinfo_value("model name") or platform.processor() or platform.machine()
+    cpu = cpu_name()
     flags = cpu_bf16_flags()
     if device_type == "cuda" and torch.cuda.is_available():
         kind, name = "gpu", torch.cuda.get_device_name()

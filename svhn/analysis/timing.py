@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -20,9 +19,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from svhn.data.synthetic import MARKER_NAME, generate_dataset
-from svhn.precision import cpuinfo_value
+from svhn.precision import cpu_name
 
-__all__ = ["accelerator_for", "batch_images", "cpu_name", "describe_environment",
+__all__ = ["accelerator_for", "batch_images", "describe_environment",
            "EpochTimer", "median_rate", "prepare_synthetic", "progress", "quiet_lightning",
            "resolve_device", "synchronize", "SYNTHETIC_VAL"]
 
@@ -115,10 +114,6 @@ def resolve_device(name: str) -> torch.device:
 def accelerator_for(device: torch.device) -> str:
     """Lightning's name for the accelerator of ``device``."""
     return "gpu" if device.type == "cuda" else "cpu"
-
-
-def cpu_name() -> str:
-    return cpuinfo_value("model name") or platform.processor() or platform.machine()
 
 
 def describe_environment(num_workers: int, device: torch.device, data_dir: Path,

@@ -411,7 +411,7 @@ class SVHNDataModule(L.LightningDataModule):
             return
         pseudo = DigitImageDataset(
             SplitFiles(files.name, [by_name[s.file_name] for s in samples], list(samples)),
-            self._unlabelled_cache(), self.hparams.augment, self.image_size,
+            self.unlabelled_set().cache, self.hparams.augment, self.image_size,
             max_len=self.hparams.max_len, box_targets=self.hparams.box_targets,
             gather_only=self.batch_augment is not None,
             char_box_targets=self.hparams.char_box_targets)

@@ -125,7 +125,7 @@ class TimeBudget(Callback):
             return
         done = trainer.current_epoch + 1  # the epoch that just ended, validation included
         elapsed = self._elapsed()
-        batches = max(1, self._epoch_batches or 1)
+        batches = self._epoch_batches or 1
         if self._first is None:  # this process's first epoch: its start-up included
             self._first, per_epoch = (self._batches_done, elapsed), elapsed / done
         else:  # the batches since: what each further epoch will take, at its size
@@ -170,21 +170,24 @@ class TimeBudget(Callback):
         planned = self.planned_epochs or trainer.max_epochs
         if not planned or planned < 0:
             return
-        steps = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
-        total = trainer.global_step + max(1, planned - trainer.current_epoch) * steps
-        resized = [resize_schedule(config.scheduler, total)
-                   for config in trainer.lr_scheduler_configs if config.interval == "step"]
-        if any(resized):
+        if _resize_schedules(trainer, planned - trainer.current_epoch, batches):
             rank_zero_info(f"epochs now hold {batches} batches (before: "
                            f"{self._epoch_batches}); the schedule now ends after epoch "
                            f"{planned}.")
 
     def _replan(self, trainer, planned: int, done: int, per_epoch: float) -> None:
-        steps = math.ceil((self._epoch_batches or 1) / max(1, trainer.accumulate_grad_batches))
-        total = max(1, trainer.global_step + (planned - done) * steps)  # optimiser steps
-        resized = [resize_schedule(config.scheduler, total)
-                   for config in trainer.lr_scheduler_configs if config.interval == "step"]
-        what = "the schedule now ends there" if any(resized) else "no schedule to re-size"
+        resized = _resize_schedules(trainer, planned - done, self._epoch_batches or 1)
+        what = "the schedule now ends there" if resized else "no schedule to re-size"
         rank_zero_info(f"time budget {self.minutes:g} min: {planned} epochs fit at "
                        f"{per_epoch:.0f} s per epoch (max_epochs {trainer.max_epochs}); "
                        f"{what}.")
+
+
+def _resize_schedules(trainer, epochs_left: int, batches: int) -> bool:
+    """Re-size the run's per-step schedules to end after ``epochs_left`` more epochs of
+    ``batches`` batches (in optimiser steps); False when there is none to re-size."""
+    steps = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+    total = max(1, trainer.global_step + max(0, epochs_left) * steps)
+    resized = [resize_schedule(config.scheduler, total)
+               for config in trainer.lr_scheduler_configs if config.interval == "step"]
+    return any(resized)

@@ -243,3 +243,20 @@ def _precision_from_run_config(path: Path) -> str:
 def reader_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key[len(READER_PREFIX):]: value for key, value in state.items()
             if key.startswith(READER_PREFIX)}
+
+
+def weights_mismatch(own: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> str:
+    """The first tensor in which a file's weights differ from a model's, in words: a shape
+    (named, both shapes), a tensor the file lacks, or one the model has no place for."""
+    for key, value in own.items():
+        if key in theirs and theirs[key].shape != value.shape:
+            return (f"{key}: {tuple(theirs[key].shape)} in the file, {tuple(value.shape)} in "
+                    "the model")
+    missing = [key for key in own if key not in theirs]
+    if missing:
+        return f"{missing[0]} (and {len(missing) - 1} more) not in the file"
+    unexpected = [key for key in theirs if key not in own]
+    if unexpected:
+        return f"{unexpected[0]} (and {len(unexpected) - 1} more) in the file, not in the model"
+    return "none"
+

@@ -7,7 +7,13 @@ import logging
 import warnings
 from collections.abc import Iterator, Sequence
 
-__all__ = ["HARMLESS_INFO", "HARMLESS_WARNINGS", "framed", "quiet_libraries"]
+__all__ = ["DataWarning", "HARMLESS_INFO", "HARMLESS_WARNINGS", "framed", "quiet_libraries"]
+
+
+class DataWarning(UserWarning):
+    """Something in the user's data that a command works around (boxes clipped to their
+    image, images without a label): said once per command, as ``warning: ...`` alone,
+    without the line of our source that Python's warnings print."""
 
 # Warnings from Lightning and torch that say nothing about this project's runs.
 HARMLESS_WARNINGS = (
@@ -24,7 +30,9 @@ HARMLESS_WARNINGS = (
     r"configure_model.*",
 )
 # Lightning's info lines that advertise or explain nothing a user asked about.
-HARMLESS_INFO = ("💡 Tip:", "Loading `train_dataloader` to estimate number of stepping batches")
+HARMLESS_INFO = ("💡 Tip:", "Loading `train_dataloader` to estimate number of stepping batches",
+                 # Devices a run has not got: the precision line already says what it runs on.
+                 "GPU available: False", "TPU available: False", "HPU available: False")
 
 
 def framed(lines: Sequence[str]) -> str:
@@ -32,6 +40,14 @@ def framed(lines: Sequence[str]) -> str:
     (no right border: a long command stays copyable)."""
     rule = "=" * min(max(len(line) for line in lines) + 2, 88)
     return "\n".join([rule, *(f" {line}" for line in lines), rule])
+
+
+def _data_warnings_plainly(format_warning):
+    def formatwarning(message, category, filename, lineno, line=None):
+        if issubclass(category, DataWarning):
+            return f"warning: {message}\n"
+        return format_warning(message, category, filename, lineno, line)
+    return formatwarning
 
 
 class _DropHarmlessInfo(logging.Filter):
@@ -52,7 +68,13 @@ def quiet_libraries() -> Iterator[None]:
         with warnings.catch_warnings():
             for message in HARMLESS_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
-            yield
+            warnings.filterwarnings("once", category=DataWarning)
+            original = warnings.formatwarning
+            warnings.formatwarning = _data_warnings_plainly(original)
+            try:
+                yield
+            finally:
+                warnings.formatwarning = original
     finally:
         for logger in loggers:
             logger.removeFilter(hints)

@@ -99,7 +99,7 @@ def test_cli_default_config_falls_back_to_synthetic_data(tmp_path):
     assert "NO COMPETITION DATA" in start and str(tmp_path / "data" / "mchar") in start
     # The last lines: what was trained on what, the score, the next commands, framed.
     text = "\n".join(lines[rules[2]:])
-    assert "on 64 images of data/synthetic: SYNTHETIC" in text
+    assert "on 64 labelled images of the synthetic quick-start set: SYNTHETIC" in text
     assert "Best val/seq_acc" in text and "synthetic val set (16 val images)" in text
     assert "python -m svhn.predict" in text and "--data_dir data/synthetic --split val" in text
     assert "data/mchar/" in text and "--data.data_dir" in text

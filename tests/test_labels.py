@@ -101,7 +101,10 @@ def test_missing_label_file_is_a_clear_error(tmp_path):
 
 # -- at the edges --------------------------------------------------------------------------
 WHOLE_NUMBERS = "; the competition writes digits as whole numbers 0-9 (e.g. [1, 9])."
-NOT_DIGITS = [(10, " is outside 0-9."), (-1, " is outside 0-9."),
+NOT_DIGITS = [(10, " is outside 0-9. The original SVHN files write 0 as 10: map 10 to 0 in "
+                   "the label file before use (this project reads the competition's labels, "
+                   "where 0 is 0)."),
+              (-1, " is outside 0-9; fix the entry."),
               (True, " is a bool" + WHOLE_NUMBERS), (False, " is a bool" + WHOLE_NUMBERS),
               (1.0, " is a float" + WHOLE_NUMBERS), ("3", " is a string" + WHOLE_NUMBERS),
               (None, " is a NoneType" + WHOLE_NUMBERS)]

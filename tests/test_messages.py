@@ -190,7 +190,7 @@ def test_runs_table_says_which_data_each_run_trained_on(synthetic_run, competiti
     assert table.loc["recorded/version_0", "data"] == "mchar"
     assert table.loc["configured/version_0", "data"] == "mchar"
     assert pd.isna(table.loc["quickstart/version_0", "data"])  # not recorded: not claimed
-    text = format_table(collect_runs(runs))
+    text = format_table(collect_runs(runs), wide=True)
     assert text.splitlines()[0].split()[3] == "data"
     line = next(x for x in text.splitlines() if x.strip().startswith("synthetic/version_0"))
     assert line.split()[3] == "synthetic"

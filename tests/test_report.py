@@ -54,7 +54,8 @@ def test_report_writes_every_error_figure_and_links_it(tiny_run, tmp_path):
         assert_png_drawn(out / f"{name}.png")
         assert f"]({name}.png)" in text
     assert str(tiny_run["ckpt"]) in text
-    assert "Images: 40" in text and "**Score**" in text and "Character accuracy" in text
+    assert "Images: 40" in text and "**Score**" in text
+    assert "Position accuracy (`position_acc`" in text
 
 
 def test_data_figures_are_drawn_and_linked(tiny_run, pred, tmp_path):

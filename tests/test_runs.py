@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from helpers.runs import PLAIN_MODEL
+from helpers.runs import PLAIN_MODEL, fake_run
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from svhn.analysis import runs as runs_module
@@ -206,25 +206,6 @@ def test_a_crashed_fit_is_recorded_as_crashed(synthetic_data_dir, image_cache_di
 
 
 # -- the table, on hand-made run folders ---------------------------------------------------
-def fake_run(runs: Path, name: str, scores: list[float], max_epochs: int = 3,
-             train_on: str = "[train]") -> Path:
-    """A run folder as svhn.fit writes it, without the weights: sparse metrics rows."""
-    run = runs / name / "version_0"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text(
-        f"seed_everything: 1\ntrainer:\n  max_epochs: {max_epochs}\n"
-        f"model:\n  backbone: {name}\ndata:\n  train_on: {train_on}\n  val_on: val\n")
-    lines = ["epoch,lr-Adam,step,train/loss,val/seq_acc"]
-    for epoch, score in enumerate(scores):
-        lines += [f",0.001,{epoch * 5},,", f"{epoch},,{epoch * 5 + 4},1.5,",
-                  f"{epoch},,{epoch * 5 + 4},,{score}"]
-    (run / "metrics.csv").write_text("\n".join(lines) + "\n")
-    best = max(range(len(scores)), key=scores.__getitem__)
-    (run / "checkpoints" / f"epoch{best:03d}-seq_acc{scores[best]:.4f}.ckpt").write_bytes(b"")
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
-    return run
-
-
 @pytest.fixture
 def fake_runs(tmp_path) -> Path:
     runs = tmp_path / "runs"
@@ -366,7 +347,7 @@ def test_train_subset_is_fixed_nested_and_recorded_for_the_table(synthetic_data_
              f"[{synthetic_data_dir}]")
     summary = read_run_summary(next((tmp_path / "runs").glob("*/version_0")))
     # the extra folder is the same data in another place: counted apart, never cut
-    assert summary["train_images"] == {"data_dir": 30, "extra": len(everything)}
+    assert summary["train_images"] == {"data_dir": 30, "extra": len(everything), "synthetic": 0}
     assert collect_runs(tmp_path / "runs").iloc[0]["train_images"] == 30
 
 

@@ -203,7 +203,8 @@ def test_the_report_a_user_reads(report_files, capsys):
     assert main(["--submission", str(submission), "--labels", str(labels)]) == 0
     assert capsys.readouterr().out == (
         "score (whole-string accuracy): 0.3333 (2/6)\n"
-        "character accuracy (position-wise): 0.4167\n"
+        "character accuracy (char_acc: the written strings' digits, position by position; "
+        "not the training's position_acc): 0.4167\n"
         "by label length: 1 digit: 0.5000 (n=2), 2 digits: 0.0000 (n=2), "
         "3 digits: 0.5000 (n=2)\n"
         "2 labelled image(s) have no row (counted wrong); first: e.png, f.png\n"

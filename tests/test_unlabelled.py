@@ -262,6 +262,43 @@ def test_targets_of_pseudo_labelled_images_are_their_readings(easy_data_dir, tmp
     assert len(dm.train_set) == before
 
 
+def test_pseudo_labels_can_take_the_place_of_the_generated_images(easy_data_dir, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)  # data/synthetic_extra_12 is made here
+    dm = SVHNDataModule(str(easy_data_dir), image_size=(32, 64), num_workers=0, max_len=2,
+                        cache_dir=str(tmp_path / "cache"), unlabelled="test_a",
+                        char_box_targets=True, box_targets=True, augment="none",
+                        synthetic_extra=12)
+    dm.prepare_data()
+    dm.setup("fit")
+    labelled, generated = len(dm.train_set), dm.training_images["synthetic"]
+    assert labelled == 300 + generated and generated > 0  # longer than max_len: left out
+    samples = [Sample("000003.png", (7,), ((10.0, 5.0, 20.0, 30.0),))]
+    dm.set_pseudo_labels(samples)  # keep: beside the generated images
+    assert len(dm.train_set) == labelled + 1
+    dm.set_pseudo_labels(samples, drop_synthetic=True)  # in their place
+    assert len(dm.train_set) == 300 + 1
+    assert f"{generated} generated (data.synthetic_extra) until the first pseudo-labels took " \
+        "their place + 1 pseudo-labelled of test_a" in dm.training_images_text()
+    dm.set_pseudo_labels([], drop_synthetic=True)  # a round that kept none: all back
+    assert len(dm.train_set) == labelled
+    with pytest.raises(SettingError, match="pseudo_labels.synthetic 'none'"):
+        PseudoLabels(synthetic="none")
+
+
+def test_a_reading_pass_told_to_stop_stops(easy_data_dir, tmp_path):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    dm = SVHNDataModule(str(easy_data_dir), image_size=(32, 64), num_workers=0, max_len=2,
+                        cache_dir=str(tmp_path), unlabelled="test_a")
+    reader = DigitReader(max_len=2, image_size=(32, 64))
+    asked = []
+    with pytest.raises(SIGTERMException):
+        read_unlabelled(reader, dm.unlabelled_set(), batch_size=4, search=False,
+                        device=torch.device("cpu"), stop=lambda: asked.append(1) or True)
+    assert asked == [1]  # before the first batch
+
+
 @pytest.fixture(scope="module")
 def shifted_unlabelled_dir(tmp_path_factory) -> Path:
     """150 labelled images of one digit; 40 to validate on and 600 without labels (test A,

@@ -240,8 +240,8 @@ def report_markdown(pred: Predictions, figures: dict[str, Path],
         *(f"- **Note**: {note}" for note in notes),
         f"- Images: {numbers['images']:,} ({mistakes:,} read wrong)",
         f"- **Score** (whole string right, as the competition counts): {numbers['score']:.4f}",
-        f"- Character accuracy (all {pred.targets.shape[1]} positions, blank included): "
-        f"{numbers['position_acc']:.4f}",
+        f"- Position accuracy (`position_acc`: each of the {pred.targets.shape[1]} positions' "
+        f"class, blank included; not `svhn.score`'s `char_acc`): {numbers['position_acc']:.4f}",
         f"- Digit accuracy (positions holding a digit): {numbers['digit_acc']:.4f}",
         "",
         "## Accuracy by label length",

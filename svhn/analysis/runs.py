@@ -36,6 +36,7 @@ import yaml
 from svhn.errors import MissingInputError, OutputExistsError, SettingError, command
 from svhn.paths import DATA_DIR, RUNS_DIR
 from svhn.run_dir import RunDir
+from svhn.tempfiles import write_all_or_none
 from svhn.train.run_summary import (
     read_run_summary,
     recorded_seconds,
@@ -48,7 +49,7 @@ __all__ = ["collect_runs", "COLUMNS", "find_run_dirs", "fold_summary", "format_t
 
 COLUMNS = [
     "run", "backbone", "recipe", "data", "seed", "train_on", "fold", "train_images",
-    "unlabelled", "machine",
+    "generated_images", "unlabelled", "machine",
     "val_held_out", "epochs", "max_epochs", "sessions", "train_seconds", "time_source",
     "best_seq_acc", "best_epoch", "last_seq_acc", "status", "checkpoint", "problems",
 ]
@@ -126,8 +127,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         train_on = train_on if train_on is not None else summary.get("train_on")
         val_on = data.get("val_on", summary.get("val_on", "val"))
         row["sessions"] = len(summary.get("sessions") or [])
-        # images per epoch from the data folder (extra/synthetic folders not counted)
-        row["train_images"] = (summary.get("train_images") or {}).get("data_dir")
+        # images per epoch from the data folder, and the generated ones beside them
+        counts = summary.get("train_images") or {}
+        row["train_images"] = counts.get("data_dir")
+        row["generated_images"] = counts.get("synthetic", counts.get("extra"))
         if folds is None:
             folds, fold = summary.get("folds"), summary.get("fold")
     else:
@@ -316,8 +319,13 @@ def sort_runs(table: pd.DataFrame, column: str, reverse: bool = False) -> pd.Dat
     return table
 
 
-def format_table(table: pd.DataFrame) -> str:
-    """The table for a terminal, with a legend for what needs one."""
+# What the default table leaves out, to stay within a terminal's width (--wide: all).
+_WIDE_ONLY = ("backbone", "train_on", "time_from", "checkpoint")
+
+
+def format_table(table: pd.DataFrame, wide: bool = False) -> str:
+    """The table for a terminal, with a legend for what needs one; ``wide``: every column
+    (the backbone, data, splits, where the time came from and the result checkpoint)."""
     shown = pd.DataFrame({
         "run": table["run"],
         "backbone": table["backbone"].fillna("-"),
@@ -327,6 +335,7 @@ def format_table(table: pd.DataFrame) -> str:
         "train_on": table["train_on"].fillna("-"),
         "fold": table["fold"].fillna("-"),
         "images": table["train_images"].map(_int_text),
+        "generated": table["generated_images"].map(_int_text),
         "unlabelled": table["unlabelled"].fillna("-"),
         "held_out": table["val_held_out"].map(
             lambda v: "-" if pd.isna(v) else ("yes" if v else "NO")),
@@ -341,8 +350,12 @@ def format_table(table: pd.DataFrame) -> str:
         "status": table["status"].fillna("-"),
         "checkpoint": table["checkpoint"].fillna("-"),
     })
+    if not wide:
+        shown = shown.drop(columns=list(_WIDE_ONLY))
     if not table["fold"].notna().any():
         shown = shown.drop(columns="fold")  # no cross-validation run among them
+    if not table["generated_images"].fillna(0).astype(bool).any():
+        shown = shown.drop(columns="generated")  # no run trained on generated images
     if not table["unlabelled"].notna().any():
         shown = shown.drop(columns="unlabelled")  # no run learnt from unlabelled images
     if table["problems"].fillna("").astype(bool).any():
@@ -357,12 +370,14 @@ def format_table(table: pd.DataFrame) -> str:
     if table["val_held_out"].eq(False).fillna(False).any():
         lines.append("held_out NO: the run trained on its validation split, so its val scores "
                      "are not held-out scores; its checkpoint is last.ckpt (the last epoch).")
-    lines.append("images: training images per epoch from the data folder (extra synthetic "
-                 "ones not counted); epochs: trained/max_epochs; at_epoch: epoch of best_val "
-                 "(from 0); time_from: recorded = fit start to end (run_summary.json), "
-                 "files = config.yaml to the last file written; data: synthetic (a generated "
-                 "set) or the data folder's name (+extra: extra training folders), - not "
-                 "recorded.")
+    lines.append("images: real training images per epoch from the data folder; generated: "
+                 "generated (synthetic) images beside them; epochs: trained/max_epochs; "
+                 "at_epoch: epoch of best_val (from 0)."
+                 + (" time_from: recorded = fit start to end (run_summary.json), files = "
+                    "config.yaml to the last file written; data: synthetic (a generated set) "
+                    "or the data folder's name (+extra: extra training folders), - not "
+                    "recorded." if wide else " --wide: every column (backbone, train_on, "
+                    "checkpoint, ...)."))
     return "\n".join(lines)
 
 
@@ -433,6 +448,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="only runs whose name matches (shell pattern, e.g. 'resnet*')")
     parser.add_argument("--json", action="store_true",
                         help="every column as a JSON list of objects")
+    parser.add_argument("--wide", action="store_true",
+                        help="every column in the table (default: the ones that fit a "
+                             "terminal; backbone, train_on, time_from and checkpoint are "
+                             "left out)")
     parser.add_argument("--csv", metavar="FILE",
                         help="also write every column, the machine each run trained on "
                              "included, as a CSV file (a result file; never over one)")
@@ -460,21 +479,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     for run, problems in zip(table["run"], table["problems"].fillna("")):
         if problems:
             print(f"svhn.runs: {run}: {problems}", file=sys.stderr)
-    if args.csv:
-        partial = Path(f"{args.csv}.partial")
-        table.to_csv(partial, index=False)
-        partial.replace(args.csv)
+    if args.csv:  # never over a file, even one written since the check above
+        write_all_or_none({Path(args.csv): lambda tmp: table.to_csv(tmp, index=False)},
+                          overwrite=False)
     if args.efficiency:
         from svhn.analysis.plots import data_efficiency, save
 
         save(data_efficiency(table), args.efficiency)
+        print(f"Data efficiency: {args.efficiency}", file=sys.stderr, flush=True)
     if args.json:
         text = json.dumps(json.loads(table.to_json(orient="records")), indent=2)
     elif table.empty:
         text = (f"No runs under {args.runs_dir}" + (f" named {args.name}" if args.name else "")
                 + " (python -m svhn.fit writes them there).")
     else:
-        text = format_table(table)
+        text = format_table(table, wide=args.wide)
     try:
         print(text, flush=True)
     except BrokenPipeError:  # e.g. piped into head: the rest goes nowhere, quietly

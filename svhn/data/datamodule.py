@@ -50,6 +50,7 @@ from svhn.data.unlabelled import check_unlabelled_source, unlabelled_files
 from svhn.errors import SettingError, at_least
 from svhn.paths import DATA_DIR as DEFAULT_DATA_DIR
 from svhn.paths import SYNTHETIC_DIR, synthetic_extra_dir
+from svhn.tempfiles import held_lock
 
 __all__ = ["AUGMENT_ON", "default_num_workers", "fallback_notice", "SVHNDataModule"]
 
@@ -68,7 +69,7 @@ def fallback_notice(synthetic_size: int) -> str:
         "once).",
         f"Real data: unpack the competition files into {DEFAULT_DATA_DIR}/ (see "
         "data/README.md)",
-        "or name their folder with --data.data_dir PATH.",
+        "and train configs/real_cpu.yaml on them (the README's real-data recipe).",
     ])
 
 
@@ -229,6 +230,7 @@ class SVHNDataModule(L.LightningDataModule):
             self.extra_train_dirs.append(synthetic_extra_dir(synthetic_extra))
         check_unlabelled_source(unlabelled, self.data_dir, train_on, val_on, folds)
         self._labelled_sets: list[Dataset] = []  # set by setup("fit"): what train_set holds
+        self._synthetic_set: Dataset | None = None  # ... of which the synthetic_extra set
         self.pseudo_labelled: list[Sample] = []  # set by set_pseudo_labels
 
     def _scaled(self, scale: float) -> tuple[int, int]:
@@ -256,17 +258,24 @@ class SVHNDataModule(L.LightningDataModule):
         sets, check the layout, labels and boxes, decode images into the caches."""
         from svhn.data.synthetic import generate_dataset
 
-        if self._synthetic_needed():
-            generate_dataset(self.data_dir, n_train=self.hparams.synthetic_size, seed=0)
-        extra = self.hparams.synthetic_extra
-        if extra > 0 and not has_competition_data(self.extra_train_dirs[-1]):
-            # Seed 1: never the same images as the seed-0 fallback set.
-            generate_dataset(self.extra_train_dirs[-1], n_train=extra, n_val=1, n_test=1,
-                             seed=1, progress=True)
+        # Two fits started together (seeds side by side) would write one set at once: the
+        # second waits for the first, then finds the set made.
+        if self.uses_synthetic_fallback:
+            with held_lock(self.data_dir):
+                if self._synthetic_needed():
+                    generate_dataset(self.data_dir, n_train=self.hparams.synthetic_size,
+                                     seed=0)
         stage = self.trainer.state.fn if self.trainer is not None else None
         labelled, unlabelled = self._splits_in_use(stage)
-        check_layout(self.data_dir, labelled)
-        check_layout(self.data_dir, unlabelled, labelled=False)
+        check_layout(self.data_dir, labelled)  # the user's data first: a mistyped folder
+        check_layout(self.data_dir, unlabelled, labelled=False)  # generates nothing
+        extra = self.hparams.synthetic_extra
+        if extra > 0 and stage in (None, "fit"):
+            with held_lock(self.extra_train_dirs[-1]):
+                if not has_competition_data(self.extra_train_dirs[-1]):
+                    # Seed 1: never the same images as the seed-0 fallback set.
+                    generate_dataset(self.extra_train_dirs[-1], n_train=extra, n_val=1,
+                                     n_test=1, seed=1, progress=True)
         extra = self.extra_train_dirs if stage in (None, "fit") else []
         for root in extra:
             check_layout(root, ["train"])
@@ -285,13 +294,17 @@ class SVHNDataModule(L.LightningDataModule):
 
     def _splits_in_use(self, stage: str | None) -> tuple[list[str], list[str]]:
         """(labelled, unlabelled) splits a stage reads: training and validation splits must
-        exist with their labels; outside prediction the predict split is cached if present."""
+        exist with their labels; the predict split is read (and cached) for prediction
+        only, and, with no stage named, if present (everything a later stage may read).
+        A fit does not decode test A for nothing: --data.unlabelled is its own cache."""
         predict_on = self.hparams.predict_on
         if stage == "predict":
             return [], [predict_on]
         labelled = list(dict.fromkeys([*self.hparams.train_on, self.hparams.val_on]))
         if self.hparams.folds is not None:
             labelled = list(FOLD_SPLITS)
+        if stage is not None:
+            return labelled, []
         present = split_paths(self.data_dir, predict_on)[0].is_dir()
         return labelled, [predict_on] if present and predict_on not in labelled else []
 
@@ -395,19 +408,43 @@ class SVHNDataModule(L.LightningDataModule):
                 max_len=self.hparams.max_len)
         return self.datasets[key]
 
-    def set_pseudo_labels(self, samples: list[Sample]) -> None:
+    def training_images_text(self) -> str:
+        """What a fit trains on, real and generated apart: ``2,000 labelled images of
+        data/mchar + 4,000 generated (data.synthetic_extra)``."""
+        counts = self.training_images or {}
+        where = "the synthetic quick-start set" if self.uses_synthetic_fallback else \
+            str(self.data_dir)
+        parts = [f"{counts.get('data_dir', 0):,} labelled images of {where}"]
+        synthetic = counts.get("synthetic", 0)
+        other = counts.get("extra", 0) - synthetic
+        if other:
+            parts.append(f"{other:,} of the extra_train folders")
+        if synthetic:
+            dropped = " until the first pseudo-labels took their place" \
+                if self.pseudo_labelled and self._synthetic_set is not None \
+                and self._synthetic_set not in self.train_set.datasets else ""
+            parts.append(f"{synthetic:,} generated (data.synthetic_extra){dropped}")
+        if counts.get("pseudo_labelled"):
+            parts.append(f"{counts['pseudo_labelled']:,} pseudo-labelled of "
+                         f"{self.hparams.unlabelled}")
+        return " + ".join(parts)
+
+    def set_pseudo_labels(self, samples: list[Sample], drop_synthetic: bool = False) -> None:
         """Train on these pseudo-labelled images (of ``unlabelled_set``) too, from the next
-        train loader on; they replace any earlier ones."""
+        train loader on; they replace any earlier ones. ``drop_synthetic``: they also take
+        the place of the ``synthetic_extra`` images."""
         files = self._unlabelled_files()
         by_name = {path.name: path for path in files.image_paths}
         unknown = [s.file_name for s in samples if s.file_name not in by_name]
         if unknown:
             raise ValueError(f"pseudo-labels for images not in {files.name}: {unknown[:3]}")
         self.pseudo_labelled = list(samples)
+        labelled = [part for part in self._labelled_sets
+                    if not (samples and drop_synthetic and part is self._synthetic_set)]
         if self.training_images is not None:
             self.training_images["pseudo_labelled"] = len(samples)
         if not samples:
-            self.train_set = TrainingSet(self._labelled_sets)
+            self.train_set = TrainingSet(labelled)
             return
         pseudo = DigitImageDataset(
             SplitFiles(files.name, [by_name[s.file_name] for s in samples], list(samples)),
@@ -415,7 +452,7 @@ class SVHNDataModule(L.LightningDataModule):
             max_len=self.hparams.max_len, box_targets=self.hparams.box_targets,
             gather_only=self.batch_augment is not None,
             char_box_targets=self.hparams.char_box_targets)
-        self.train_set = TrainingSet([*self._labelled_sets, pseudo])
+        self.train_set = TrainingSet([*labelled, pseudo])
 
     def dataset(self, split: str, preset: str = "none", labelled: bool = True,
                 root: Path | None = None, gather_only: bool = False,
@@ -506,6 +543,8 @@ class SVHNDataModule(L.LightningDataModule):
             self.training_images = {"data_dir": sum(map(len, own)),
                                     "extra": sum(map(len, extra))}
             self._labelled_sets = own + extra
+            self._synthetic_set = extra[-1] if self.hparams.synthetic_extra > 0 else None
+            self.training_images["synthetic"] = len(self._synthetic_set or ())
             if self.hparams.get("unlabelled") is not None:
                 self.training_images["unlabelled"] = len(self._unlabelled_files().image_paths)
         if stage in ("fit", "validate", "test", None):

@@ -2,12 +2,16 @@
 
 PNG decoding is the slowest part of the pipeline by far, so each image is decoded once,
 resized to the cache size and kept as uint8 in ``<cache_dir>/<split>_<H>x<W>.npy``. A
-manifest beside it records each file's name, byte size and modification time; when any of
-them changes the cache is rebuilt, so a stale cache is never used.
+manifest beside it records each file's name, byte size, modification time, inode and
+change time (``st_ctime``, which no copying tool can set back: a file replaced by one of
+the same size with its modification time kept, as ``cp -p`` and ``rsync -a`` do, still
+differs); when any of them changes the cache is rebuilt, so a stale cache is never used.
+A damaged cache (a manifest that is not JSON, an array cut short) is rebuilt likewise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -29,7 +33,7 @@ from svhn.tempfiles import sweep_stale
 __all__ = ["default_cache_dir", "DEFAULT_IMAGE_SIZE", "ImageCache", "ImageReadError",
            "read_resized", "read_rgb"]
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: files fingerprinted with their inode and change time too
 DEFAULT_IMAGE_SIZE = (64, 128)  # (height, width) a model reads unless a config says otherwise
 _TMP_MARK = ".tmp"  # <stem>.tmp<pid>.npy: a cache being built by process <pid>
 
@@ -103,8 +107,33 @@ def default_cache_dir(data_dir: str | Path, root: str | Path = CACHE_DIR) -> Pat
 
 
 def _fingerprint(paths: Sequence[Path]) -> list[list]:
+    """What says a file is the one cached: from one ``stat`` per file, as before."""
     stats = [p.stat() for p in paths]
-    return [[p.name, s.st_size, s.st_mtime_ns] for p, s in zip(paths, stats)]
+    return [[p.name, s.st_size, s.st_mtime_ns, s.st_ino, s.st_ctime_ns]
+            for p, s in zip(paths, stats)]
+
+
+def _array_intact(path: Path, shape: tuple[int, ...]) -> bool:
+    """The ``.npy`` file holds a whole uint8 array of ``shape`` (its header says so and the
+    file is as long as the header says): a copy cut short is not taken for a cache."""
+    try:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            found_shape, _, dtype = read_header(handle)
+            data_start = handle.tell()
+    except (OSError, ValueError, SyntaxError):
+        return False
+    return (tuple(found_shape) == shape and dtype == np.uint8
+            and path.stat().st_size == data_start + int(np.prod(shape)))
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """``mkdir -p``, returning the folders it made (outermost first), to undo on failure."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def _read_for_cache(args: tuple[Path, tuple[int, int]]) -> tuple[np.ndarray, tuple[int, int]]:
@@ -123,13 +152,21 @@ class ImageCache:
         self._original_sizes: np.ndarray | None = None
 
     def is_fresh(self) -> bool:
+        """The cache holds these files, as they are now, whole; else it is to be (re)built."""
         if not (self.cache_file.is_file() and self.manifest_file.is_file()):
             return False
-        manifest = json.loads(self.manifest_file.read_text())
+        try:
+            manifest = json.loads(self.manifest_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return False  # damaged (a disk filled, a copy cut short): rebuilt
+        if not isinstance(manifest, dict):
+            return False
         return (
             manifest.get("version") == _CACHE_VERSION
             and manifest.get("size") == list(self.size)
             and manifest.get("files") == _fingerprint(self.paths)
+            and len(manifest.get("original_sizes") or ()) == len(self.paths)
+            and _array_intact(self.cache_file, (len(self.paths), *self.size, 3))
         )
 
     def build(self, num_workers: int = 0, desc: str = "caching images") -> None:
@@ -143,7 +180,7 @@ class ImageCache:
             return
         self.sweep_stale_temporaries()  # a killed build's leftovers first: they take room
         self._check_space()  # before any folder or file is made
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        made = _make_folders(self.cache_file.parent)
         tmp_file = self._temporary(self.cache_file, ".npy")
         tmp_manifest = self._temporary(self.manifest_file, ".json")
         try:
@@ -159,6 +196,13 @@ class ImageCache:
             os.replace(tmp_file, self.cache_file)
             tmp_manifest.write_text(json.dumps(manifest))
             os.replace(tmp_manifest, self.manifest_file)
+        except BaseException:  # an unreadable image, a signal: no folder made for nothing
+            for leftover in (tmp_file, tmp_manifest):
+                leftover.unlink(missing_ok=True)
+            for folder in reversed(made):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only ever removes an empty folder
+            raise
         finally:  # on success both were renamed away; on any failure nothing stays behind
             for leftover in (tmp_file, tmp_manifest):
                 leftover.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from svhn.console import DataWarning
 from svhn.errors import SettingError, SvhnError
 
 __all__ = ["BLANK", "BOX_KEYS", "canonical_predictions", "clip_boxes_to_images",
@@ -63,7 +64,7 @@ def load_labels(path: str | Path) -> list[Sample]:
     if not path.is_file():
         raise LabelFileError(f"{path}: label file not found. Put the competition's JSON there.")
     try:
-        raw = json.loads(_label_text(path))
+        raw = json.loads(_label_text(path), object_pairs_hook=_refuse_repeated_keys(path))
     except json.JSONDecodeError as err:
         raise LabelFileError(
             f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg}). "
@@ -78,6 +79,22 @@ def load_labels(path: str | Path) -> list[Sample]:
             "the label file."
         )
     return [_parse_entry(path, name, raw[name]) for name in sorted(raw)]
+
+
+def _refuse_repeated_keys(path: Path):
+    """JSON lets a key repeat (the last wins); in a label file one image with two entries is
+    a merge gone wrong, never meant: refused with both entries shown."""
+    def pairs_to_dict(pairs: list[tuple[str, object]]) -> dict:
+        found: dict[str, object] = {}
+        for key, value in pairs:
+            if key in found:
+                raise LabelFileError(
+                    f"{path}: {key!r} appears twice ({json.dumps(found[key])[:120]} and "
+                    f"{json.dumps(value)[:120]}); keep one entry per image (or one value "
+                    "per field) and remove the other.")
+            found[key] = value
+        return found
+    return pairs_to_dict
 
 
 def _label_text(path: Path) -> str:
@@ -105,8 +122,13 @@ def _parse_entry(path: Path, name: str, entry: object) -> Sample:
             kind = "a string" if isinstance(d, str) else f"a {type(d).__name__}"
             raise LabelFileError(f"{where}: digit {d!r} is {kind}; the competition writes "
                                  "digits as whole numbers 0-9 (e.g. [1, 9]).")
+        if d == 10:
+            raise LabelFileError(
+                f"{where}: digit 10 is outside 0-9. The original SVHN files write 0 as 10: "
+                "map 10 to 0 in the label file before use (this project reads the "
+                "competition's labels, where 0 is 0).")
         if not 0 <= d <= 9:
-            raise LabelFileError(f"{where}: digit {d!r} is outside 0-9.")
+            raise LabelFileError(f"{where}: digit {d!r} is outside 0-9; fix the entry.")
     lists = {key: entry.get(key) for key in BOX_KEYS}
     for key, values in lists.items():
         if not isinstance(values, list) or len(values) != len(digits):
@@ -162,7 +184,7 @@ def clip_boxes_to_images(
         warnings.warn(
             f"{source}: {len(clipped)} image(s) have digit boxes partly outside the image "
             f"(first: {', '.join(clipped[:5])}); they are clipped to the image.",
-            stacklevel=2,
+            DataWarning, stacklevel=2,
         )
     return out
 
@@ -194,7 +216,7 @@ def split_by_length(
             f"{source}: left out {len(too_long)} image(s) whose label is longer than "
             f"max_len={max_len} ({names}); set max_len={max(len(s.digits) for s in too_long)} "
             "to keep them.",
-            stacklevel=2,
+            DataWarning, stacklevel=2,
         )
     return kept, too_long
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from svhn.console import DataWarning
 from svhn.data.labels import (
     Sample,
     load_labels,
@@ -132,7 +133,8 @@ def split_images(data_dir: str | Path, split: str) -> list[Path]:
         skipped = sorted(e.name + ("/" if e.is_dir() else "") for e in named
                          if e.name not in images)
         warnings.warn(f"{image_dir}: {len(skipped)} entries named like images are not images "
-                      f"and are skipped (first: {', '.join(skipped[:5])}).", stacklevel=2)
+                      f"and are skipped (first: {', '.join(skipped[:5])}).", DataWarning,
+                      stacklevel=2)
     if not paths:
         raise DataError(f"{image_dir}: no images found for split {split!r}.")
     return paths
@@ -158,7 +160,7 @@ def list_split(data_dir: str | Path, split: str, max_len: int | None = None) -> 
         warnings.warn(
             f"{image_dir}: {len(unlabelled)} image(s) have no entry in {label_file.name} and "
             f"are ignored (first: {', '.join(unlabelled[:5])}).",
-            stacklevel=2,
+            DataWarning, stacklevel=2,
         )
     if max_len is not None:
         kept, too_long = split_by_length(samples, max_len, source=str(label_file))

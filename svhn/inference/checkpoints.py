@@ -12,6 +12,7 @@ from svhn.checkpoint_format import (
     CheckpointError,
     read_checkpoint,
     reader_weights,
+    weights_mismatch,
 )
 from svhn.model.reader import DigitReader
 
@@ -46,9 +47,12 @@ def load_reader(checkpoint: str | Path | CheckpointContents, **overrides: Any) -
                               "configs/real_cpu.yaml); drop --zoom_search for this one.")
     arguments.update(overrides, pretrained=False, pretrained_weights=None)
     reader = DigitReader(**arguments)
+    weights = reader_weights(contents.state_dict)
     try:
-        reader.load_state_dict(reader_weights(contents.state_dict))
-    except RuntimeError as err:
-        raise CheckpointError(f"{contents.path}: its weights do not fit the model its settings "
-                              f"describe ({str(err).splitlines()[0]}).") from None
+        reader.load_state_dict(weights)
+    except RuntimeError:
+        raise CheckpointError(
+            f"{contents.path}: its weights do not fit the model its settings describe "
+            f"(first difference: {weights_mismatch(reader.state_dict(), weights)}); was the "
+            "file changed, or written by another version of this project?") from None
     return reader.apply_memory_format().eval()

@@ -22,7 +22,7 @@ import torch
 
 from svhn.data.labels import BLANK, decode_probabilities, load_labels
 from svhn.data.layout import SPLITS, DataError, list_split
-from svhn.errors import OutputExistsError, command
+from svhn.errors import OutputExistsError, command, stop_on_sigterm
 from svhn.inference.predictions import Predictions
 from svhn.inference.predictor import (
     PRECISIONS,
@@ -44,6 +44,7 @@ from svhn.inference.views import PLAIN_VIEWS, TTA_VIEWS
 from svhn.model.reader import SEARCH_GATE
 from svhn.paths import DATA_DIR, SUBMIT_DIR
 from svhn.precision import AUTO
+from svhn.run_dir import RunDir
 
 __all__ = ["count_all_blank", "default_output_path", "main", "probs_path_for"]
 
@@ -58,8 +59,12 @@ def count_all_blank(probs: torch.Tensor) -> int:
 
 def default_output_path(checkpoints: Sequence[str | Path], split: str, tta: bool = False,
                         folder: str | Path = SUBMIT_DIR) -> Path:
-    """``submit/<first checkpoint stem>[+<n>more]_<split>[_tta].csv``."""
-    name = Path(checkpoints[0]).stem
+    """``submit/[<run>_<version>_]<first checkpoint stem>[+<n>more]_<split>[_tta].csv``: a
+    checkpoint in a run folder is named with its run, so the ``last.ckpt`` of two runs do
+    not write one file."""
+    first = Path(checkpoints[0])
+    run = RunDir.of_checkpoint(first)
+    name = first.stem if run is None else f"{run.name.replace('/', '_')}_{first.stem}"
     if len(checkpoints) > 1:
         name += f"+{len(checkpoints) - 1}more"
     return Path(folder) / f"{name}_{split}{'_tta' if tta else ''}.csv"
@@ -99,13 +104,15 @@ def _save_npz(arrays: dict[str, np.ndarray]):
     return write
 
 
-def _write_outputs(result: Predictions, out: Path, save_probs: bool) -> pd.DataFrame:
-    """The CSV (and .npz with --save_probs), all or none; prints what was written."""
+def _write_outputs(result: Predictions, out: Path, save_probs: bool,
+                   overwrite: bool) -> pd.DataFrame:
+    """The CSV (and .npz with --save_probs), all or none; prints what was written. Without
+    ``overwrite`` a file another process wrote there meanwhile is kept and this run refused."""
     frame = build_submission(result.file_names, decode_probabilities(result.probs))
     writers = {out: submission_writer(frame)}
     if save_probs:
         writers[probs_path_for(out)] = _save_npz(_probability_arrays(result))
-    write_all_or_none(writers)
+    write_all_or_none(writers, overwrite=overwrite)
     blanks = count_all_blank(result.probs)
     if blanks:
         print(f"{blanks} all-blank prediction(s) replaced by their most likely single digit.")
@@ -239,15 +246,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_writable(outputs)
     _refuse_to_overwrite(outputs, args.overwrite)
     _check_data(args.data_dir, args.split)
-    result = predict_split(
-        args.checkpoints, args.data_dir, args.split, views=views,
-        batch_size=args.batch_size, num_workers=args.num_workers,
-        accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-        precision=args.precision, cache_dir=args.cache_dir, **args.reader_overrides,
-    )
-    if not is_global_zero():
-        return 0  # rank 0 holds the same gathered rows and writes them once
-    frame = _write_outputs(result, out, args.save_probs)
+    with stop_on_sigterm("prediction stopped; nothing was written."):
+        result = predict_split(
+            args.checkpoints, args.data_dir, args.split, views=views,
+            batch_size=args.batch_size, num_workers=args.num_workers,
+            accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
+            precision=args.precision, cache_dir=args.cache_dir, **args.reader_overrides,
+        )
+        if not is_global_zero():
+            return 0  # rank 0 holds the same gathered rows and writes them once
+        frame = _write_outputs(result, out, args.save_probs, args.overwrite)
     if args.split == "test_a":
         _check_against_sample(frame, args.data_dir)
     labels = _labels_for(args.data_dir, args.split)

@@ -14,6 +14,7 @@ and ``svhn.report`` all read through here.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from svhn.checkpoint_format import CheckpointContents, CheckpointError, read_checkpoint
 from svhn.data.datamodule import SVHNDataModule
+from svhn.errors import StoppedBySignal
 from svhn.inference.checkpoints import load_reader
 from svhn.inference.ensemble import combination_notice, combine, shared_max_len
 from svhn.inference.predictions import Predictions, any_searched, merge_sorted
@@ -160,6 +162,17 @@ def evaluation_datamodule(contents: CheckpointContents, data_dir: str | Path, sp
 
 
 # -- the loop -----------------------------------------------------------------------------------
+class StopOnSigterm(L.Callback):
+    """Lightning notes a SIGTERM but its prediction loop never looks at the note: stop at
+    the next batch, before anything is written, as the fit loop stops."""
+
+    def on_predict_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.received_sigterm:
+            raise StoppedBySignal(signal.SIGTERM, "prediction stopped; nothing was written.")
+
+    on_predict_batch_end = on_predict_batch_start
+
+
 def build_trainer(accelerator: str = "auto", devices: int | str | list[int] = 1,
                   strategy: str | None = None, precision: str = "32-true",
                   callbacks: Sequence[L.Callback] = (), progress_bar: bool = True,
@@ -168,7 +181,8 @@ def build_trainer(accelerator: str = "auto", devices: int | str | list[int] = 1,
     return L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy or "auto",
                      precision=precision, logger=False, enable_checkpointing=False,
                      enable_model_summary=False, enable_progress_bar=progress_bar,
-                     callbacks=list(callbacks), limit_predict_batches=limit_batches)
+                     callbacks=[StopOnSigterm(), *callbacks],
+                     limit_predict_batches=limit_batches)
 
 
 def predict_with_reader(reader: DigitReader, datamodule: SVHNDataModule, trainer: L.Trainer,

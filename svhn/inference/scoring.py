@@ -115,7 +115,8 @@ def format_report(report: ScoreReport) -> str:
     lines = [
         f"score (whole-string accuracy): {report.seq_acc:.4f} "
         f"({report.n_correct}/{report.n_images})",
-        f"character accuracy (position-wise): {report.char_acc:.4f}",
+        f"character accuracy (char_acc: the written strings' digits, position by position; "
+        f"not the training's position_acc): {report.char_acc:.4f}",
         "by label length: " + ", ".join(
             f"{n} digit{'s' if n > 1 else ''}: {acc:.4f} (n={report.count_by_length[n]})"
             for n, acc in report.by_length.items()),

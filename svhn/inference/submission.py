@@ -15,11 +15,11 @@ from pathlib import Path
 import pandas as pd
 
 from svhn.errors import SettingError, SvhnError
-from svhn.tempfiles import sweep_stale
+from svhn.tempfiles import write_all_or_none
 
 __all__ = ["build_submission", "check_writable", "COLUMNS", "compare_with_sample",
            "is_digit_code", "OutputError", "read_submission", "SAMPLE_SUBMISSION",
-           "submission_writer", "SubmissionError", "write_all_or_none", "write_submission"]
+           "submission_writer", "SubmissionError", "write_submission"]
 
 COLUMNS = ("file_name", "file_code")
 SAMPLE_SUBMISSION = "mchar_sample_submit_A.csv"
@@ -100,11 +100,6 @@ def build_submission(file_names: Sequence[str], codes: Sequence[str]) -> pd.Data
     return frame.sort_values("file_name", kind="stable").reset_index(drop=True)
 
 
-def _temporary_path(path: Path) -> Path:
-    """A hidden sibling of ``path`` (same folder, so ``os.replace`` is atomic)."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def write_submission(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write the CSV atomically: readers see the old file or the whole new one, never half."""
     path = Path(path)
@@ -115,25 +110,6 @@ def write_submission(frame: pd.DataFrame, path: str | Path) -> Path:
 def submission_writer(frame: pd.DataFrame) -> Callable[[Path], object]:
     """Writes the submission's CSV to the path it is given (see ``write_all_or_none``)."""
     return lambda target: frame.to_csv(target, index=False, columns=list(COLUMNS))
-
-
-def write_all_or_none(writers: dict[Path, Callable[[Path], object]]) -> None:
-    """Write a set of files (a CSV and its probabilities, say) all or none: each writer
-    fills a temporary sibling of its file; only when every one has succeeded are they
-    renamed into place. On any failure no temporary file is left and no target changed."""
-    temporaries = {path: _temporary_path(path) for path in writers}
-    for path in writers:  # what a writer killed outright (kill -9) left behind
-        sweep_stale(path.parent, f".{path.name}.tmp*",
-                    re.compile(re.escape(f".{path.name}.tmp") + r"(\d+)"))
-    try:
-        for path, write in writers.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write(temporaries[path])
-        for path, tmp in temporaries.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in temporaries.values():
-            tmp.unlink(missing_ok=True)
 
 
 def check_writable(paths: Sequence[Path]) -> None:

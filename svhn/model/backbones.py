@@ -35,7 +35,7 @@ __all__ = ["alexnet", "available_backbones", "BackboneBuilder", "CLASSIC_BACKBON
 
 BackboneBuilder = Callable[[], nn.Module]
 CLASSIC_BACKBONES: dict[str, BackboneBuilder] = {}
-TIMM_EXAMPLES = ("resnet18", "resnet50", "densenet121", "resnext50_32x4d", "dpn68",
+TIMM_EXAMPLES = ("resnet18d", "resnet18", "resnet50", "densenet121", "resnext50_32x4d", "dpn68",
                  "seresnet50")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from svhn.checkpoint_format import (
@@ -24,6 +25,7 @@ from svhn.checkpoint_format import (
     reader_weights,
     upgrade_hyperparameters,
     upgrade_state_dict,
+    weights_mismatch,
 )
 from svhn.data.labels import BLANK, NUM_CLASSES
 from svhn.errors import SettingError, at_least
@@ -32,6 +34,10 @@ from svhn.model.metrics import SequenceMetrics, whole_string_correct
 from svhn.model.reader import DigitReader
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+# init_from refuses a start with less of the backbone than this: a checkpoint of another
+# width or backbone shares names but hardly a shape, and training from scratch while the
+# user believes they fine-tune is the silent failure this guards against.
+MIN_BACKBONE_SHARE = 0.5
 SCHEDULERS = ("none", "cosine", "onecycle", "step")
 STAGES = ("train", "val", "test")
 
@@ -111,15 +117,30 @@ class DigitSequenceModel(L.LightningModule):
 
     def _start_from(self, checkpoint: str) -> None:
         """Fine-tuning: every reader tensor whose name and shape match (heads may differ,
-        e.g. another max_len); the backbone must match."""
+        e.g. another max_len); the backbone must match, and the user is told how much
+        loaded. Shares count weights, not tensors: a BatchNorm's 0-d step counter matches
+        any backbone and must not pass for a loaded one."""
         contents = read_checkpoint(checkpoint)
         own = self.reader.state_dict()
-        matching = {k: v for k, v in reader_weights(contents.state_dict).items()
-                    if k in own and own[k].shape == v.shape}
-        if not any(k.startswith("backbone.") for k in matching):
-            raise CheckpointError(f"{checkpoint}: no backbone weights match backbone "
-                                  f"{self.hparams.backbone!r}; was it trained with another one?")
+        theirs = reader_weights(contents.state_dict)
+        matching = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+        backbone = {k: v for k, v in own.items() if k.startswith("backbone.")}
+        total = sum(v.numel() for v in backbone.values())
+        loaded = sum(v.numel() for k, v in matching.items() if k in backbone)
+        if total and loaded < MIN_BACKBONE_SHARE * total:
+            name = self.hparams.get("backbone", "the default backbone")
+            raise CheckpointError(
+                f"{checkpoint}: only {loaded:,} of {total:,} backbone weights of {name!r} "
+                f"match it (first difference: {weights_mismatch(backbone, theirs)}); was it "
+                "trained with another backbone or other --model.timm_args? Use the settings "
+                "it was trained with (its run's config.yaml).")
         self.reader.load_state_dict(matching, strict=False)
+        weights = sum(v.numel() for v in own.values())
+        share = sum(v.numel() for v in matching.values()) / max(1, weights)
+        rest = "" if share == 1 else (
+            f"; the rest start fresh (first difference: {weights_mismatch(own, theirs)})")
+        rank_zero_info(f"init_from {checkpoint}: {share:.1%} of the reader's weights loaded "
+                       f"({loaded:,} of {total:,} in the backbone){rest}.")
 
     # -- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from svhn.data.labels import canonical_predictions
+from svhn.data.labels import BLANK, canonical_predictions
 from svhn.geometry import paired_iou, pairwise_iou
 
 __all__ = ["answer_confidence", "chain_confidence", "chains_unsure", "majority_share",
@@ -100,7 +100,10 @@ def chains_unsure(first: torch.Tensor, second: torch.Tensor, first_box: torch.Te
     """(B,) where an image is worth the zoom search, from its first two chains' (B, max_len,
     11) probabilities and (B, 4) final boxes: they read different numbers (as the
     submission writes them), or in different places (box IoU at most 0.5), or the first is
-    less confident than ``gate``. The reader's gate and the search bench's sweep."""
+    less confident than ``gate``, or the first read no digit at all (sure of blanks is
+    sure of nothing: a weak model's blanks would pass any gate). The reader's gate and the
+    search bench's sweep."""
     agree = (canonical_predictions(first) == canonical_predictions(second)).all(-1)
     overlap = paired_iou(first_box, second_box)
-    return ~agree | (overlap <= 0.5) | (chain_confidence(first.float()) < gate)
+    no_digit = (first.argmax(-1) == BLANK).all(-1)
+    return ~agree | (overlap <= 0.5) | (chain_confidence(first.float()) < gate) | no_digit

@@ -26,7 +26,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from svhn.console import framed, quiet_libraries
@@ -66,6 +67,25 @@ class SaveConfigOnce(SaveConfigCallback):
             candidate, n = f"{base}_resumed_{n}.yaml", n + 1
         self.config_filename = candidate
         super().setup(trainer, pl_module, stage)
+
+
+class RecipeParser(LightningArgumentParser):
+    """A refused command line or recipe is told in its error alone: the usage of several
+    hundred options before it (what jsonargparse prints) hides the one line that matters."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # a nested parse that tries one type of several
+            return super().error(message, ex)
+        lines = [line for line in str(message).splitlines() if line.strip()]
+        shown = "\n  ".join(lines[:MAX_ERROR_LINES])
+        more = f"\n  ... ({len(lines) - MAX_ERROR_LINES} more lines)" \
+            if len(lines) > MAX_ERROR_LINES else ""
+        sys.stderr.write(f"error: {shown}{more}\n(python -m svhn.fit --help lists every "
+                         "option)\n")
+        self.exit(2)
+
+
+MAX_ERROR_LINES = 8
 
 
 class SVHNCLI(LightningCLI):
@@ -143,7 +163,7 @@ class SVHNCLI(LightningCLI):
         save_dir = logger.init_args.get("save_dir") or str(RUNS_DIR)
         name = logger.init_args.get("name") or logger.init_args.get("project") or "svhn"
         if config.ckpt_path == "last":
-            last = find_last_checkpoint(save_dir, name)
+            last = find_last_checkpoint(save_dir, name, config.get("seed_everything"))
             if last is None:
                 raise ResumeError(f"--ckpt_path last: no run with a last.ckpt under "
                                   f"{Path(save_dir, name)}; train once first.")
@@ -208,6 +228,9 @@ class SVHNCLI(LightningCLI):
         data = self.datamodule.hparams
         if not val_is_held_out(data.train_on, data.val_on):
             rank_zero_print("\n" + not_held_out_message(data.train_on, data.val_on) + "\n")
+        if not any(isinstance(c, ModelSummary) for c in self.trainer.callbacks):
+            # Lightning's table (--trainer.enable_model_summary true) is off by default
+            rank_zero_print(model_line(self.model))
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -215,6 +238,17 @@ class SVHNCLI(LightningCLI):
                 or trainer.fast_dev_run:
             return
         print(final_summary(trainer, self.model, self.datamodule), flush=True)
+
+
+def model_line(model: DigitSequenceModel) -> str:
+    """The model in one line (Lightning's summary table, on with
+    ``--trainer.enable_model_summary true``, adds little to it and counts no FLOPs)."""
+    hp = model.hparams
+    parameters = sum(p.numel() for p in model.parameters())
+    head = "digit detector" if hp.get("head") == "detector" else "per-position heads"
+    zoom = f", {hp.zoom_steps} zoom reads" if hp.get("zoom_steps") else ""
+    return (f"Model: {hp.backbone} with {head}{zoom}, {parameters / 1e6:.1f} M parameters, "
+            f"reading {hp.image_size[0]}x{hp.image_size[1]} images.")
 
 
 def _discard_claimed_run(trainer) -> None:
@@ -239,7 +273,7 @@ def final_summary(trainer, model: DigitSequenceModel, datamodule: SVHNDataModule
     checkpoint, why = final_checkpoint(trainer, held_out)
     data_dir = datamodule.data_dir
     trained = (f"Trained {model.hparams.backbone} for {trainer.current_epoch} epoch(s) on "
-               f"{len(datamodule.train_set):,} images of {data_dir}")
+               f"{datamodule.training_images_text()}")
     val = f"({len(datamodule.val_set):,} {val_on} images)"
     if datamodule.hparams.get("folds") is not None:
         of = "the synthetic train + val" if datamodule.uses_synthetic_fallback else \
@@ -268,9 +302,13 @@ def final_summary(trainer, model: DigitSequenceModel, datamodule: SVHNDataModule
         *score,
         f"Checkpoint ({why}): {checkpoint}",
         f"Read the synthetic val set: {predict} --split val",
-        "Real data: unpack the competition files into data/mchar/ (see data/README.md)",
-        "and run `python -m svhn.fit` again, or name their folder: --data.data_dir PATH.",
+        "Real data: unpack the competition files into data/mchar/ (see data/README.md),",
+        f"then train the real-data recipe: {REAL_DATA_COMMAND}",
     ])
+
+
+# What the README recommends for real data (this quick start is a small VGG at 32x64).
+REAL_DATA_COMMAND = "python -m svhn.fit --config configs/real_cpu.yaml --data.data_dir data/mchar"
 
 
 def _score(value) -> str:
@@ -283,6 +321,7 @@ def build_cli(args: list[str] | None = None) -> SVHNCLI:
     if not args or args[0] not in _SUBCOMMANDS:
         args = ["fit", *args]
     args = _shipped_recipes(args)
+    _check_config_files(args)
     with quiet_libraries():
         return _run_cli(args, defaults=_default_configs(args))
 
@@ -300,6 +339,33 @@ def _shipped_recipes(args: list[str]) -> list[str]:
         config_follows = arg in ("--config", "-c")
         resolved.append(arg)
     return resolved
+
+
+def _check_config_files(args: Sequence[str]) -> None:
+    """Every ``--config`` file is plain YAML: a syntax error is named with its file and line
+    (the parser would say neither), a Python tag refused, before anything runs."""
+    for path in _config_files(args):
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise SettingError(f"--config {path}: cannot be read ({err}).") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            if isinstance(err, yaml.constructor.ConstructorError):  # !!python/object, ...
+                raise SettingError(f"--config {where}: a tag svhn never runs ({problem}); a "
+                                   "recipe holds plain values only.") from None
+            raise SettingError(f"--config {where}: not valid YAML ({problem}); fix that line "
+                               "(indentation, a missing ':' or quote).") from None
+
+
+def _config_files(args: Sequence[str]) -> list[Path]:
+    """The files named by ``--config`` / ``-c`` (a value that is no file is left to the
+    parser, which reads it as YAML text or says the file is missing)."""
+    named = [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+    named += [value for flag, value in zip(args, args[1:]) if flag in ("--config", "-c")]
+    return [Path(name) for name in named if Path(name).is_file()]
 
 
 def _default_configs(args: Sequence[str]) -> list[str]:
@@ -347,10 +413,16 @@ def _run_cli(args: list[str], defaults: list[str]) -> SVHNCLI:
         args=args,
         save_config_callback=SaveConfigOnce,
         trainer_class=Trainer,  # Lightning's, with precision: auto
+        parser_class=RecipeParser,
         seed_everything_default=42,
-        parser_kwargs={sub: {"default_config_files": defaults} for sub in _SUBCOMMANDS},
+        # allow_abbrev False: argparse would take --trainer.max_epoch for max_epochs; a
+        # typo in a recipe's flag is an error, not a guess.
+        parser_kwargs={"allow_abbrev": False,
+                       **{sub: {"default_config_files": defaults, "allow_abbrev": False}
+                          for sub in _SUBCOMMANDS}},
         trainer_defaults={
             "devices": 1,
+            "enable_model_summary": False,  # one line instead: model_line
             "log_every_n_steps": 10,
             "logger": {"class_path": "svhn.train.loggers.ResumableCSVLogger",
                        "init_args": {"save_dir": str(RUNS_DIR), "name": "svhn"}},

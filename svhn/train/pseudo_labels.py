@@ -23,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -41,6 +42,8 @@ from svhn.model.vote import answer_confidence
 from svhn.train.time_budget import TimeBudget
 
 __all__ = ["PseudoLabels", "read_unlabelled"]
+
+SYNTHETIC_CHOICES = ("keep", "drop")
 
 
 class PseudoLabels(Callback):
@@ -54,10 +57,13 @@ class PseudoLabels(Callback):
             below 1: ``python -m svhn.bench --pseudo_labels CKPT`` shows what each keeps).
         search: read with the reader's zoom search (as ``svhn.predict``), not one chain.
         batch_size: images per read.
+        synthetic: ``keep`` the ``data.synthetic_extra`` images beside the pseudo-labelled
+            ones, or ``drop`` them from the first round on: real images take the place of
+            generated ones, and the epochs stay short, so more of them fit a time budget.
     """
 
     def __init__(self, rounds: Sequence[float] = (0.5, 0.75), threshold: float = 0.3,
-                 search: bool = False, batch_size: int = 128) -> None:
+                 search: bool = False, batch_size: int = 128, synthetic: str = "keep") -> None:
         rounds = [float(r) for r in rounds]
         if not rounds or any(not 0 < r < 1 for r in rounds) or rounds != sorted(rounds):
             raise SettingError(f"pseudo_labels.rounds {rounds}: shares of the run between 0 "
@@ -66,6 +72,10 @@ class PseudoLabels(Callback):
             raise SettingError(f"pseudo_labels.threshold {threshold}: a confidence in (0, 1].")
         if batch_size < 1:
             raise SettingError(f"pseudo_labels.batch_size {batch_size}: must be at least 1.")
+        if synthetic not in SYNTHETIC_CHOICES:
+            raise SettingError(f"pseudo_labels.synthetic {synthetic!r}: choose one of "
+                               f"{SYNTHETIC_CHOICES}.")
+        self.drop_synthetic = synthetic == "drop"
         self.rounds, self.threshold, self.search = rounds, threshold, search
         self.batch_size = batch_size
         self.rounds_done = 0
@@ -101,7 +111,7 @@ class PseudoLabels(Callback):
                 "needs each digit's box, which a reader learns with --model.char_boxes true "
                 "(configs/real_cpu.yaml sets it).")
         if self.samples:  # resumed after a round: the same targets as before
-            trainer.datamodule.set_pseudo_labels(self.samples)
+            trainer.datamodule.set_pseudo_labels(self.samples, self.drop_synthetic)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self._reload_before is not None:  # the loader was rebuilt for this epoch
@@ -129,11 +139,12 @@ class PseudoLabels(Callback):
         names, probs, char_boxes, confidence = read_unlabelled(
             pl_module.reader, dataset, batch_size=self.batch_size, search=self.search,
             device=pl_module.device, autocast=trainer.precision_plugin.forward_context,
-            progress=trainer.is_global_zero and trainer.progress_bar_callback is not None)
+            progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+            stop=lambda: trainer.received_sigterm)
         sizes = dataset.cache.original_sizes[dataset.cache_index]
         self.samples = pseudo_samples(names, probs, char_boxes, confidence, sizes,
                                       self.threshold)
-        datamodule.set_pseudo_labels(self.samples)
+        datamodule.set_pseudo_labels(self.samples, self.drop_synthetic)
         self.rounds_done += 1
         # Lightning rebuilds the train loader (its workers hold the old dataset) only on
         # this schedule; set back once the next epoch has its new loader.
@@ -174,12 +185,13 @@ def _planned_epochs(trainer) -> float:
 @torch.no_grad()
 def read_unlabelled(reader: torch.nn.Module, dataset: DigitImageDataset, *, batch_size: int,
                     search: bool, device: torch.device, autocast=None,
-                    progress: bool = False
+                    progress: bool = False, stop: Callable[[], bool] | None = None
                     ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every image of ``dataset`` read as ``svhn.predict`` reads it (eval mode; the zoom
     search when ``search``): file names, answers' probabilities (N, max_len, 11), digit
     boxes (N, max_len, 4, whole-image fractions) and ``answer_confidence`` (N,). Under DDP
-    each rank reads its share and all get every row, in the dataset's order."""
+    each rank reads its share and all get every row, in the dataset's order. ``stop``: asked
+    before each batch; True ends the pass as Lightning ends a fit told to stop (SIGTERM)."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     rows = list(range(rank, len(dataset), world))
@@ -190,6 +202,8 @@ def read_unlabelled(reader: torch.nn.Module, dataset: DigitImageDataset, *, batc
     parts: list[dict[str, torch.Tensor]] = []
     try:
         for batch in tqdm(loader, desc="pseudo-labels", leave=False, disable=not progress):
+            if stop is not None and stop():
+                raise SIGTERMException
             with autocast() if autocast is not None else contextlib.nullcontext():
                 out = reader(batch["image"].to(device), search=search)
             probs = out["logits"].float().softmax(-1)

@@ -146,8 +146,36 @@ def saved_schedule_steps(checkpoint: CheckpointContents) -> int | None:
     return int(steps) if steps is not None else None
 
 
-def find_last_checkpoint(save_dir: str | Path, name: str) -> Path | None:
-    """The newest ``<save_dir>/<name>/<version>/checkpoints/last.ckpt``, if any."""
+def find_last_checkpoint(save_dir: str | Path, name: str, seed: int | None = None
+                         ) -> Path | None:
+    """The newest ``<save_dir>/<name>/<version>/checkpoints/last.ckpt``, if any; with
+    ``seed``, the newest of the runs with that ``seed_everything`` (their config.yaml), so
+    a preempted seed of a multi-seed recipe resumes its own run, not the seed started
+    after it. ResumeError when runs are there but none has that seed."""
     found = sorted(Path(save_dir, name).glob("*/checkpoints/last.ckpt"),
-                   key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    if seed is None or isinstance(seed, bool) or not found:
+        return found[0] if found else None
+    seeds = {path: _run_seed(RunDir.of_checkpoint(path)) for path in found}
+    for path, run_seed in seeds.items():
+        if run_seed == seed:
+            return path
+    listed = ", ".join(f"{RunDir.of_checkpoint(p).path.name} (seed {s})"
+                       for p, s in seeds.items())
+    raise ResumeError(
+        f"--ckpt_path last: no run of {Path(save_dir, name)} has seed_everything {seed} "
+        f"(found: {listed}). Give that run's seed, or its checkpoint: --ckpt_path "
+        "<run>/checkpoints/last.ckpt.")
+
+
+def _run_seed(run: RunDir | None) -> int | None:
+    """The seed a run was trained with: its newest config (a resume writes one more)."""
+    if run is None:
+        return None
+    for config in [*reversed(run.resumed_configs()), run.config]:
+        try:
+            seed = (yaml.safe_load(config.read_text()) or {}).get("seed_everything")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+    return None

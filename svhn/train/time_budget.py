@@ -110,6 +110,10 @@ class TimeBudget(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if self.minutes is not None:
             self._started = _now()
+            if not self.elapsed_before:
+                rank_zero_info(f"time budget {self.minutes:g} min of training: up to "
+                               f"{trainer.max_epochs} epochs, as many as fit on this machine "
+                               "(said after the first).")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         batches = trainer.num_training_batches

@@ -237,6 +237,7 @@ def _accuracy(reader: DigitReader, loader: DataLoader) -> float:
     return right / total
 
 
+@pytest.mark.slow  # two fits, a minute on a 2-core CPU: CI runs it with the slow tests
 def test_a_short_fit_finds_digits_with_the_detection_loss_and_not_without_it(
         easy_data_dir, tmp_path):
     data = SVHNDataModule(str(easy_data_dir), cache_dir=str(tmp_path), image_size=(32, 64),

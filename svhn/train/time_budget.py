@@ -112,8 +112,8 @@ class TimeBudget(Callback):
             self._started = _now()
             if not self.elapsed_before:
                 rank_zero_info(f"time budget {self.minutes:g} min of training: up to "
-                               f"{trainer.max_epochs} epochs, as many as fit on this machine "
-                               "(said after the first).")
+                               f"{trainer.max_epochs} epochs, fewer if they do not fit on this "
+                               "machine (then said after the first epoch).")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         batches = trainer.num_training_batches

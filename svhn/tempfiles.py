@@ -17,7 +17,8 @@ from pathlib import Path
 
 from svhn.errors import OutputExistsError
 
-__all__ = ["held_lock", "process_alive", "sweep_stale", "write_all_or_none"]
+__all__ = ["held_lock", "process_alive", "refuse_existing", "sweep_stale",
+           "write_all_or_none"]
 
 
 def process_alive(pid: int) -> bool:
@@ -83,6 +84,14 @@ def write_all_or_none(writers: dict[Path, Callable[[Path], object]],
             tmp.unlink(missing_ok=True)
 
 
+def refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    """Outputs that exist stay untouched unless the user asked for --overwrite."""
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"{existing[0]} already exists; pass --overwrite to replace "
+                                "it or choose another --out.")
+
+
 def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
     if overwrite:
         os.replace(tmp, path)
@@ -95,9 +104,7 @@ def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
             "nothing of this run was written. Pass --overwrite to replace it or choose "
             "another --out.") from None
     except OSError:  # a file system without hard links: the best it allows
-        if path.exists():
-            raise OutputExistsError(f"{path} already exists; pass --overwrite to replace "
-                                    "it or choose another --out.") from None
+        refuse_existing([path], overwrite=False)
         os.replace(tmp, path)
 
 

@@ -245,9 +245,8 @@ class SVHNDataModule(L.LightningDataModule):
 
     # -- data on disk -------------------------------------------------------------------
     def _synthetic_needed(self) -> bool:
-        """The fallback set is generated once and reused while its size matches."""
-        if not self.uses_synthetic_fallback:
-            return False
+        """The fallback set (``uses_synthetic_fallback``) is generated once and reused while
+        its size matches."""
         if not has_competition_data(self.data_dir):
             return True
         return len(list((self.data_dir / "mchar_train").glob("*.png"))) != \

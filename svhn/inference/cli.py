@@ -22,7 +22,7 @@ import torch
 
 from svhn.data.labels import BLANK, decode_probabilities, load_labels
 from svhn.data.layout import SPLITS, DataError, list_split
-from svhn.errors import OutputExistsError, command, stop_on_sigterm
+from svhn.errors import command, stop_on_sigterm
 from svhn.inference.predictions import Predictions
 from svhn.inference.predictor import (
     PRECISIONS,
@@ -45,6 +45,7 @@ from svhn.model.reader import SEARCH_GATE
 from svhn.paths import DATA_DIR, SUBMIT_DIR
 from svhn.precision import AUTO
 from svhn.run_dir import RunDir
+from svhn.tempfiles import refuse_existing
 
 __all__ = ["count_all_blank", "default_output_path", "main", "probs_path_for"]
 
@@ -72,14 +73,6 @@ def default_output_path(checkpoints: Sequence[str | Path], split: str, tta: bool
 
 def probs_path_for(csv_path: Path) -> Path:
     return csv_path.with_suffix(".npz")
-
-
-def _refuse_to_overwrite(paths: Sequence[Path], overwrite: bool) -> None:
-    """Existing outputs stay untouched unless the user asked for --overwrite."""
-    existing = [p for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise OutputExistsError(f"{existing[0]} already exists; pass --overwrite to replace it "
-                              "or choose another --out.")
 
 
 def _probability_arrays(result: Predictions) -> dict[str, np.ndarray]:
@@ -244,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or default_output_path(args.checkpoints, args.split, args.tta)
     outputs = [out, probs_path_for(out)] if args.save_probs else [out]
     check_writable(outputs)
-    _refuse_to_overwrite(outputs, args.overwrite)
+    refuse_existing(outputs, args.overwrite)
     _check_data(args.data_dir, args.split)
     with stop_on_sigterm("prediction stopped; nothing was written."):
         result = predict_split(

@@ -84,12 +84,15 @@ def write_all_or_none(writers: dict[Path, Callable[[Path], object]],
             tmp.unlink(missing_ok=True)
 
 
-def refuse_existing(paths: list[Path], overwrite: bool) -> None:
-    """Outputs that exist stay untouched unless the user asked for --overwrite."""
+def refuse_existing(paths: list[Path], overwrite: bool,
+                    elsewhere: str = "choose another --out") -> None:
+    """Outputs that exist stay untouched unless the user asked for --overwrite
+    (``elsewhere``: the command's other way out)."""
     existing = [p for p in paths if p.exists()]
     if existing and not overwrite:
-        raise OutputExistsError(f"{existing[0]} already exists; pass --overwrite to replace "
-                                "it or choose another --out.")
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise OutputExistsError(f"{existing[0]}{more} already exists; pass --overwrite to "
+                                f"replace it or {elsewhere}.")
 
 
 def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:

@@ -35,6 +35,11 @@ def pytest_configure(config: pytest.Config) -> None:
     """The commands' one filter of libraries' harmless warnings (svhn.console) for the tests."""
     for message in HARMLESS_WARNINGS:
         config.addinivalue_line("filterwarnings", f"ignore:{message}")
+    # The tests' sets are a few batches by design, fewer than a step-logging interval: the
+    # warning a user with so little data should see says nothing about a test.
+    config.addinivalue_line("filterwarnings",
+                            "ignore:The number of training batches .* is smaller than the "
+                            "logging interval")
 
 
 @pytest.fixture(scope="session", autouse=True)

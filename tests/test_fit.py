@@ -322,6 +322,8 @@ def scheduled_args(*extra: str) -> tuple[str, ...]:
                           "--model.lr", "0.01", "--trainer.max_epochs", "3", *extra)
 
 
+# The first fit stops early; the resumed one is asked to run on without the stop.
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks")
 def test_resume_from_a_named_checkpoint_continues_run_and_schedule(easy_data_dir, easy_fit,
                                                                    tmp_path):
     cache = tmp_path / "cache"

@@ -19,6 +19,7 @@ from helpers.layout import read_labels, write_labels, write_layout, write_split
 from helpers.repository import REPO, changes, repository_state
 from helpers.runs import PLAIN_MODEL, run_module
 
+from svhn.console import DataWarning
 from svhn.data.datamodule import SVHNDataModule
 from svhn.data.images import ImageCache
 from svhn.data.labels import clip_boxes_to_images, load_labels
@@ -130,8 +131,10 @@ def test_an_empty_label_file_stops(layout, tmp_path, capsys):
 def test_a_split_whose_every_label_is_too_long_stops(layout, tmp_path, capsys):
     write_split(layout, "val", {f"{i:06d}.png": [1, 2, 3, 4, 5, 6, 7] for i in range(3)},
                 size=(100, 20))
-    refused(fit_args(layout, tmp_path), capsys, tmp_path, layout / "mchar_val.json",
-            "every one of its 3 labels is longer than max_len=5", "--data.max_len 7")
+    with pytest.warns(DataWarning) as said:  # each left-out image is said before the stop
+        refused(fit_args(layout, tmp_path), capsys, tmp_path, layout / "mchar_val.json",
+                "every one of its 3 labels is longer than max_len=5", "--data.max_len 7")
+    assert any("left out 3 image(s)" in str(w.message) for w in said)
 
 
 @pytest.mark.parametrize("value", ["12a", None, "NaN", True])

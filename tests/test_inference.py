@@ -230,11 +230,12 @@ def test_a_previous_format_checkpoint_validates_through_the_fit_cli(synthetic_da
     from svhn.train.cli import build_cli
 
     legacy = legacy_plain
-    cli = build_cli(["validate", *PLAIN_MODEL, "--ckpt_path", str(legacy),
-                     "--data.data_dir", str(synthetic_data_dir), "--data.num_workers", "0",
-                     "--data.cache_dir", str(tmp_path / "cache"),
-                     "--trainer.default_root_dir", str(tmp_path),
-                     "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+    with pytest.warns(UserWarning, match="model.zoom is replaced by model.zoom_steps"):
+        cli = build_cli(["validate", *PLAIN_MODEL, "--ckpt_path", str(legacy),
+                         "--data.data_dir", str(synthetic_data_dir), "--data.num_workers", "0",
+                         "--data.cache_dir", str(tmp_path / "cache"),
+                         "--trainer.default_root_dir", str(tmp_path),
+                         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
     # Its weights (top-level names in format 1) were loaded into the reader, not ignored.
     expected = torch.load(legacy, weights_only=False)["state_dict"]
     name = next(k for k in expected if k.startswith("heads."))

@@ -472,6 +472,8 @@ def test_zoom_search_answers_with_the_chain_the_vote_picks():
     assert len(starts) == 1  # one chain, from the digits the first read found
 
 
+# The step is called outside a Trainer: its self.log has nowhere to go, which is the point.
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_validation_reads_one_chain_even_when_the_reader_searches():
     torch.manual_seed(0)
     model = DigitSequenceModel(backbone="simple_cnn", max_len=3, box_head=True,

@@ -698,6 +698,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
                             "reading pass's time (svhn.analysis.pseudo_label_bench)")
     modes.add_argument("--single_read", action="store_true",
                        help="with --pseudo_labels: read with one zoom chain, not the search")
+    modes.add_argument("--onnx", metavar="CKPT", default=None,
+                       help="the checkpoint's reader exported to ONNX (svhn.export) against "
+                            "the PyTorch reader: images/s of each on this CPU over --split of "
+                            "--data_dir (default: generated images), and whether they agree "
+                            "(svhn.analysis.onnx_bench)")
+    modes.add_argument("--onnx_search", action="store_true",
+                       help="with --onnx: the full zoom search exported and timed, not one "
+                            "zoom chain")
     modes.add_argument("--scale", action="store_true",
                        help="how costs grow with the data: synthetic sets of --scale_train "
                             "train images and a --scale_test test set (svhn.analysis.scale_bench)")
@@ -707,11 +715,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, dict]:
     output = {key: args.pop(key) for key in ("json", "out", "search", "gate",
                                                "search_majority", "search_merge", "scale",
                                                "scale_train", "scale_test", "pseudo_labels",
-                                               "single_read")}
+                                               "single_read", "onnx", "onnx_search")}
     args["image_size"] = tuple(args["image_size"])
     if args["batch_size"] is None:  # the search is timed at the batch svhn.predict reads in
         args["batch_size"] = predictor.PREDICT_BATCH_SIZE \
-            if output["search"] or output["pseudo_labels"] else defaults.batch_size
+            if output["search"] or output["pseudo_labels"] or output["onnx"] \
+            else defaults.batch_size
     return BenchConfig(**args), output
 
 
@@ -750,6 +759,27 @@ def _pseudo_label_report(cfg: BenchConfig, output: dict) -> tuple[dict, str]:
     return report, format_pseudo_label_table(report)
 
 
+def _onnx_report(cfg: BenchConfig, output: dict) -> tuple[dict, str]:
+    from svhn.analysis.onnx_bench import format_onnx_table, measure_onnx
+    from svhn.inference.export import require_export_packages
+
+    require_export_packages("python -m svhn.bench --onnx")
+    # Always on the CPU, whatever --device says: the question is onnxruntime's CPU speed.
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # onnxruntime is given as many
+    try:
+        report = measure_onnx(output["onnx"], cfg.data_dir,
+                              cfg.split if cfg.data_dir else "val", batch_size=cfg.batch_size,
+                              repeats=cfg.repeats, search=output["onnx_search"])
+    finally:
+        torch.set_num_threads(threads)
+    report["environment"] = describe_environment(
+        0, torch.device("cpu"), Path(cfg.data_dir) if cfg.data_dir else Path("generated"),
+        cfg.data_dir is None)
+    return report, format_onnx_table(report)
+
+
 def _scale_report(cfg: BenchConfig, output: dict) -> tuple[dict, str]:
     from svhn.analysis.scale_bench import format_scale_table, measure_scale, plot_scale
 
@@ -771,6 +801,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report, table = _search_report(cfg, output)
         elif output["pseudo_labels"]:
             report, table = _pseudo_label_report(cfg, output)
+        elif output["onnx"]:
+            report, table = _onnx_report(cfg, output)
         elif output["scale"]:
             report, table = _scale_report(cfg, output)
         else:

@@ -23,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from svhn.errors import SvhnError
@@ -33,7 +33,9 @@ from svhn.tempfiles import sweep_stale
 __all__ = ["default_cache_dir", "DEFAULT_IMAGE_SIZE", "ImageCache", "ImageReadError",
            "read_resized", "read_rgb"]
 
-_CACHE_VERSION = 2  # 2: files fingerprinted with their inode and change time too
+# 2: files fingerprinted with their inode and change time too; 3: EXIF orientation applied,
+# large JPEGs decoded at a reduced scale
+_CACHE_VERSION = 3
 DEFAULT_IMAGE_SIZE = (64, 128)  # (height, width) a model reads unless a config says otherwise
 _TMP_MARK = ".tmp"  # <stem>.tmp<pid>.npy: a cache being built by process <pid>
 
@@ -61,21 +63,37 @@ def _reserve(path: Path, message) -> None:
                 raise
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
+def read_rgb(path: str | Path, at_least: tuple[int, int] | None = None) -> np.ndarray:
     """Decode an image of any mode into an RGB uint8 HWC array, as the image really is:
-    RGB, RGBA (alpha dropped), grey, palette, CMYK, and 16-bit or 32-bit grey scaled to
-    8 bits (Pillow's own conversion clips those to white)."""
-    path = Path(path)
+    upright as its EXIF orientation says (a phone's photo), RGB, RGBA (alpha dropped), grey,
+    palette, CMYK, and 16-bit or 32-bit grey scaled to 8 bits (Pillow's own conversion
+    clips those to white). ``at_least`` (height, width): the size it will be shrunk to, so
+    a large JPEG is decoded at the smallest of its DCT scales (1/2 .. 1/8) still larger
+    than that, not at full size for nothing."""
+    return _decode(Path(path), at_least)[0]
+
+
+def _decode(path: Path, at_least: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """``read_rgb``'s array and the image's full upright size (width, height)."""
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: empty (0-byte) image file; re-copy it from the dataset.")
     try:
         with Image.open(path) as img:
-            return _as_rgb(img)
+            quarter_turn = img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            full = img.size[::-1] if quarter_turn else img.size
+            if at_least is not None and img.format == "JPEG":
+                side = max(at_least)  # either way up: draft works before the rotation
+                img.draft("RGB", (side, side))
+            upright = ImageOps.exif_transpose(img)
+            return _as_rgb(upright), (int(full[0]), int(full[1]))
     except Image.DecompressionBombError as err:
         raise ImageReadError(f"{path}: too many pixels to be a house-number photo ({err}); "
                              "remove it from the split or shrink it.") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"{path}: cannot decode image ({err}); re-copy it.") from None
+
+
+_EXIF_ORIENTATION = 0x0112
 
 
 def _as_rgb(img: Image.Image) -> np.ndarray:
@@ -92,9 +110,9 @@ def _as_rgb(img: Image.Image) -> np.ndarray:
 
 
 def read_resized(path: str | Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode and resize to ``size`` = (height, width); also return the original (w, h)."""
-    rgb = read_rgb(path)
-    original = (rgb.shape[1], rgb.shape[0])
+    """Decode (``read_rgb``) and resize to ``size`` = (height, width); also return the
+    image's full upright size (width, height), in whose pixels its labels' boxes are."""
+    rgb, original = _decode(Path(path), size)
     height, width = size
     resized = Image.fromarray(rgb).resize((width, height), Image.BILINEAR)
     return np.asarray(resized), original

@@ -23,13 +23,9 @@ import torch
 from svhn.data.labels import BLANK, decode_probabilities, load_labels
 from svhn.data.layout import SPLITS, DataError, list_split
 from svhn.errors import command, stop_on_sigterm
+from svhn.inference.options import add_reader_options, reader_overrides
 from svhn.inference.predictions import Predictions
-from svhn.inference.predictor import (
-    PRECISIONS,
-    PREDICT_BATCH_SIZE,
-    is_global_zero,
-    predict_split,
-)
+from svhn.inference.predictor import PREDICT_BATCH_SIZE, is_global_zero, predict_split
 from svhn.inference.scoring import format_report, score_submission
 from svhn.inference.submission import (
     SAMPLE_SUBMISSION,
@@ -41,9 +37,7 @@ from svhn.inference.submission import (
     write_all_or_none,
 )
 from svhn.inference.views import PLAIN_VIEWS, TTA_VIEWS
-from svhn.model.reader import SEARCH_GATE
 from svhn.paths import DATA_DIR, SUBMIT_DIR
-from svhn.precision import AUTO
 from svhn.run_dir import RunDir
 from svhn.tempfiles import refuse_existing
 
@@ -173,53 +167,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", type=_devices, default=1)
     parser.add_argument("--strategy", default=None, help="e.g. ddp (default: Lightning's auto)")
-    parser.add_argument("--precision", default=None, choices=(*PRECISIONS, AUTO),
-                        help="default: the precision each checkpoint was validated in (the "
-                             "score in its name). bf16-mixed: several times faster with "
-                             "--channels_last on CPUs with AMX or AVX512-BF16 and on recent "
-                             "GPUs, many times slower on other CPUs; 16-mixed: GPUs; auto: "
-                             "the fastest this machine has")
-    # The reader's saved settings a prediction may override: every flag of this group goes
-    # to load_reader by its name (None: as trained), so a new one is added here only.
-    reader = parser.add_argument_group("reader settings (default: as the checkpoint was trained)")
-    reader.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-                        help="memory format for the convolutions (default: as trained)")
-    reader.add_argument("--zoom_search", action=argparse.BooleanOptionalAction, default=None,
-                        help="start zoom chains from a grid of windows too and take the "
-                             "reading most of them agree on (default: as trained; on in "
-                             "configs/real_cpu.yaml). Up to 29x the crop reads, spent where "
-                             "the first two chains are unsure (see --search_gate)")
-    gate = reader.add_mutually_exclusive_group()
-    gate.add_argument("--search_gate", type=float, default=None,
-                      help="run the search's 27 window chains where the first two chains "
-                           "disagree or the first's confidence is below this (default: as "
-                           f"trained, {SEARCH_GATE} for checkpoints that do not say; 1 = "
-                           "every image)")
-    gate.add_argument("--full_search", action="store_true",
-                      help="search every image (--search_gate 1): slower, the reference "
-                           "the gate is measured against")
-    reader.add_argument("--search_majority", type=float, default=None,
-                        help="search in two steps: the 9 middle-size windows first, the "
-                             "other 18 only where the vote then holds no reading with this "
-                             "share of its support (default: as trained; 0.5 in "
-                             "configs/real_cpu.yaml)")
-    reader.add_argument("--search_merge", type=float, default=None,
-                        help="in the gated search, do not read again a crop that overlaps "
-                             "one read already by this IoU (default: as trained; "
-                             "configs/real_cpu.yaml sets it)")
-    parser.add_argument("--tta", action="store_true",
-                        help=f"also read the views {', '.join(TTA_VIEWS)} (averaged; "
-                             "with the zoom search, every view's chains vote together)")
+    reader = add_reader_options(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--save_probs", action="store_true",
                         help="also write the probabilities as <out>.npz (for ensembling)")
     parser.add_argument("--cache_dir", type=Path, default=None,
                         help="decoded-image cache (default data/cache/<dataset>-<hash>)")
     args = parser.parse_args(argv)
-    args.reader_overrides = {action.dest: getattr(args, action.dest)
-                             for action in reader._group_actions}
-    if args.reader_overrides.pop("full_search"):
-        args.reader_overrides["search_gate"] = 1.0
+    args.reader_overrides = reader_overrides(args, reader)
     return args
 
 

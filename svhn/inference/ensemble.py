@@ -10,7 +10,7 @@ import torch
 
 from svhn.checkpoint_format import CheckpointContents, CheckpointError
 from svhn.inference.predictions import Predictions, any_searched, cat_or_none
-from svhn.model.vote import vote_over_chains
+from svhn.model.vote import pick_chain, winning_chain
 
 __all__ = ["combination_notice", "combine", "shared_max_len"]
 
@@ -26,17 +26,27 @@ def combine(members: Sequence[Predictions]) -> Predictions:
     chain_probs = cat_or_none([m.chain_probs for m in members], dim=1)
     chain_boxes = cat_or_none([m.chain_boxes for m in members], dim=1)
     if chain_probs is not None and chain_boxes is not None:
-        probs, boxes = vote_over_chains(chain_probs, chain_boxes)
-        return Predictions(file_names=first.file_names, probs=probs, boxes=boxes,
+        winner = winning_chain(chain_probs, chain_boxes)
+        chain_char_boxes = cat_or_none([m.chain_char_boxes for m in members], dim=1)
+        return Predictions(file_names=first.file_names, probs=pick_chain(chain_probs, winner),
+                           boxes=pick_chain(chain_boxes, winner),
                            targets=first.targets, chain_probs=chain_probs,
                            chain_boxes=chain_boxes,
-                           searched=any_searched([m.searched for m in members]))
+                           searched=any_searched([m.searched for m in members]),
+                           char_boxes=None if chain_char_boxes is None else
+                           pick_chain(chain_char_boxes, winner),
+                           chain_char_boxes=chain_char_boxes)
     probs = torch.stack([m.probs for m in members]).mean(dim=0)
-    boxes = None
-    if all(m.boxes is not None for m in members):
-        boxes = torch.stack([m.boxes for m in members]).mean(dim=0)  # type: ignore[misc]
-    return Predictions(file_names=first.file_names, probs=probs, boxes=boxes,
-                       targets=first.targets)
+    return Predictions(file_names=first.file_names, probs=probs, boxes=_mean_or_none(
+        [m.boxes for m in members]), targets=first.targets,
+        char_boxes=_mean_or_none([m.char_boxes for m in members]))
+
+
+def _mean_or_none(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """The members' mean, when every member has one."""
+    if any(t is None for t in tensors):
+        return None
+    return torch.stack(tensors).mean(dim=0)  # type: ignore[arg-type]
 
 
 def combination_notice(members: Sequence[Predictions], paths: Sequence[Path]) -> str:

@@ -23,7 +23,9 @@ class Predictions:
     when the readers predict them, targets (N, max_len) when the split is labelled; with
     the zoom search, every zoom chain's probabilities (N, K, max_len, 11) and final box
     (N, K, 4), whose vote gave ``probs`` and ``boxes``, and which images the gated search
-    searched (``searched`` (N,) bool; the others answer with their first two chains)."""
+    searched (``searched`` (N,) bool; the others answer with their first two chains).
+    Asked for (``digit_boxes``), each position's own box (``char_boxes`` (N, max_len, 4)) and,
+    with the search, every chain's (``chain_char_boxes`` (N, K, max_len, 4))."""
 
     file_names: list[str]
     probs: torch.Tensor
@@ -32,6 +34,8 @@ class Predictions:
     chain_probs: torch.Tensor | None = None
     chain_boxes: torch.Tensor | None = None
     searched: torch.Tensor | None = None
+    char_boxes: torch.Tensor | None = None
+    chain_char_boxes: torch.Tensor | None = None
     checkpoints: list[Path] = field(default_factory=list)
     data_dir: Path | None = None
     split: str | None = None
@@ -84,4 +88,5 @@ def merge_sorted(parts: Sequence[Predictions], expected: Sequence[str]) -> Predi
                        probs=torch.cat([p.probs for p in parts])[order],
                        boxes=ordered("boxes"), targets=ordered("targets"),
                        chain_probs=ordered("chain_probs"), chain_boxes=ordered("chain_boxes"),
-                       searched=ordered("searched"))
+                       searched=ordered("searched"), char_boxes=ordered("char_boxes"),
+                       chain_char_boxes=ordered("chain_char_boxes"))

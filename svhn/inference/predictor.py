@@ -8,14 +8,15 @@ every rank's rows are gathered, each image exactly once), combines views (test-t
 augmentation) and checkpoints (an ensemble), and returns one ``Predictions`` in file-name
 order. Readers that run the zoom search combine by one vote over all their zoom chains
 (``svhn.model.vote``: every view's and every checkpoint's chains together); the others by
-averaging their per-position probabilities. ``svhn.predict``, ``svhn.analysis``, ``svhn.bench``
-and ``svhn.report`` all read through here.
+averaging their per-position probabilities. ``predict_photos`` does the same for any image
+files (decoded as a split's images are, with each digit's box). ``svhn.predict``,
+``svhn.read``, ``svhn.analysis``, ``svhn.bench`` and ``svhn.report`` all read through here.
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +26,20 @@ import torch.distributed as dist
 
 from svhn.checkpoint_format import CheckpointContents, CheckpointError, read_checkpoint
 from svhn.data.datamodule import SVHNDataModule
-from svhn.errors import StoppedBySignal
+from svhn.data.photos import PhotoDataModule, Photos, decode_photos
+from svhn.errors import SettingError, StoppedBySignal
 from svhn.inference.checkpoints import load_reader
 from svhn.inference.ensemble import combination_notice, combine, shared_max_len
 from svhn.inference.predictions import Predictions, any_searched, merge_sorted
 from svhn.inference.provenance import data_notice, fold_notice
 from svhn.inference.views import PLAIN_VIEWS, VIEWS, check_views
 from svhn.model.reader import DigitReader
-from svhn.model.vote import vote_over_chains
+from svhn.model.vote import pick_chain, winning_chain
 from svhn.precision import AUTO, auto_precision, emulated_bf16_notice
 
-__all__ = ["build_trainer", "evaluation_datamodule", "is_global_zero", "PRECISIONS",
-           "PREDICT_BATCH_SIZE", "predict_split", "predict_with_reader", "PredictionRows",
-           "ReaderPredictor"]
+__all__ = ["build_trainer", "evaluation_datamodule", "evaluation_sizes", "is_global_zero",
+           "PRECISIONS", "PREDICT_BATCH_SIZE", "predict_photos", "predict_split",
+           "predict_with_reader", "PredictionRows", "ReaderPredictor"]
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # Lightning's names; 16-mixed: GPUs
 # Images per prediction batch (svhn.predict's --batch_size, and svhn.bench --search's).
@@ -48,10 +50,12 @@ class ReaderPredictor(L.LightningModule):
     """Runs a reader over several views of each batch: one vote over all the views' zoom
     chains when the reader searches, else the views' probabilities averaged."""
 
-    def __init__(self, reader: DigitReader, views: Sequence[str] = PLAIN_VIEWS):
+    def __init__(self, reader: DigitReader, views: Sequence[str] = PLAIN_VIEWS,
+                 digit_boxes: bool = False):
         super().__init__()
         self.reader = reader
         self.views = check_views(views)
+        self.digit_boxes = digit_boxes  # each digit's box too (svhn.read draws them)
         self.rows = PredictionRows()
 
     def on_predict_start(self) -> None:
@@ -71,8 +75,14 @@ class ReaderPredictor(L.LightningModule):
             result["chain_boxes"] = torch.cat([VIEWS[name].box_to_image(o["chain_boxes"]
                                                                         .float())
                                                for name, o in zip(self.views, outputs)], dim=1)
-            result["probs"], result["box"] = vote_over_chains(result["chain_probs"],
-                                                              result["chain_boxes"])
+            winner = winning_chain(result["chain_probs"], result["chain_boxes"])
+            result["probs"] = pick_chain(result["chain_probs"], winner)
+            result["box"] = pick_chain(result["chain_boxes"], winner)
+            if self.digit_boxes and all("chain_char_boxes" in o for o in outputs):
+                result["chain_char_boxes"] = torch.cat(
+                    [VIEWS[name].box_to_image(o["chain_char_boxes"].float())
+                     for name, o in zip(self.views, outputs)], dim=1)
+                result["char_boxes"] = pick_chain(result["chain_char_boxes"], winner)
             searched = any_searched([o.get("searched") for o in outputs])
             if searched is not None:
                 result["searched"] = searched
@@ -81,6 +91,9 @@ class ReaderPredictor(L.LightningModule):
                                        for o in outputs]).mean(dim=0)
         if "box" in outputs[0]:
             result["box"] = outputs[0]["box"].float()
+        if self.digit_boxes and "char_boxes" in outputs[0]:
+            result["char_boxes"] = VIEWS[self.views[0]].box_to_image(
+                outputs[0]["char_boxes"].float())
         return result
 
 
@@ -126,7 +139,9 @@ class PredictionRows:
         return Predictions(file_names=list(self.file_names),
                            probs=torch.empty(0) if probs is None else probs, boxes=kept("box"),
                            targets=kept("target"), chain_probs=kept("chain_probs"),
-                           chain_boxes=kept("chain_boxes"), searched=kept("searched"))
+                           chain_boxes=kept("chain_boxes"), searched=kept("searched"),
+                           char_boxes=kept("char_boxes"),
+                           chain_char_boxes=kept("chain_char_boxes"))
 
 
 def _gather_ranks(part: Predictions) -> list[Predictions]:
@@ -140,7 +155,7 @@ def _gather_ranks(part: Predictions) -> list[Predictions]:
 
 
 _GATHERED = ("file_names", "probs", "boxes", "targets", "chain_probs", "chain_boxes",
-             "searched")
+             "searched", "char_boxes", "chain_char_boxes")
 
 
 def evaluation_datamodule(contents: CheckpointContents, data_dir: str | Path, split: str, *,
@@ -185,13 +200,13 @@ def build_trainer(accelerator: str = "auto", devices: int | str | list[int] = 1,
                      limit_predict_batches=limit_batches)
 
 
-def predict_with_reader(reader: DigitReader, datamodule: SVHNDataModule, trainer: L.Trainer,
-                        views: Sequence[str] = PLAIN_VIEWS, subset: bool = False
-                        ) -> Predictions:
+def predict_with_reader(reader: DigitReader, datamodule: L.LightningDataModule,
+                        trainer: L.Trainer, views: Sequence[str] = PLAIN_VIEWS,
+                        subset: bool = False, digit_boxes: bool = False) -> Predictions:
     """One reader over the data module's predict split, complete and sorted on every rank;
     ``subset``: the trainer limits the batches on purpose (the benchmark), so the rows are
-    returned as they came, unchecked."""
-    module = ReaderPredictor(reader, views)
+    returned as they came, unchecked. ``digit_boxes``: each digit's box too."""
+    module = ReaderPredictor(reader, views, digit_boxes)
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     part = module.rows.predictions()
     if subset:
@@ -217,39 +232,112 @@ def predict_split(
     opened once (a ``CheckpointContents`` already read is not opened again): its settings
     and its reader come from that one read.
     """
+    def data_for(content: CheckpointContents) -> L.LightningDataModule:
+        return evaluation_datamodule(content, data_dir, split, batch_size=batch_size,
+                                     num_workers=num_workers, cache_dir=cache_dir,
+                                     labelled=labelled)
+
+    def notices(content: CheckpointContents) -> tuple[str | None, ...]:
+        return data_notice(content, data_dir), fold_notice(content, split)
+
+    result = _predict(checkpoints, data_for, split, notices, views=views,
+                      accelerator=accelerator, devices=devices, strategy=strategy,
+                      precision=precision, reader_overrides=reader_overrides)
+    if not labelled:
+        result.targets = None  # unlabelled rows carry placeholder targets
+    result.data_dir, result.split = Path(data_dir), split
+    return result
+
+
+def predict_photos(
+    checkpoints: Sequence[str | Path | CheckpointContents], paths: Sequence[Path], *,
+    views: Sequence[str] = PLAIN_VIEWS, batch_size: int = PREDICT_BATCH_SIZE,
+    accelerator: str = "auto", precision: str | None = None, progress: bool = True,
+    **reader_overrides: Any,
+) -> tuple[Predictions, Photos]:
+    """``predict_split`` for any image files: each decoded as a split's images are for that
+    checkpoint (``svhn.data.photos``), read with each digit's box, combined the same way.
+    Files that cannot be read are left out of the predictions and listed in the returned
+    ``Photos.failed``; the ``Photos`` (of the first checkpoint's size) also give each
+    photo's full size, to turn the normalised boxes into pixels. One device: photos are a
+    person's handful, a split is ``predict_split``'s."""
+    decoded: dict[tuple, Photos] = {}
+
+    def photos_for(content: CheckpointContents) -> Photos:
+        sizes = evaluation_sizes(content)
+        if sizes not in decoded:
+            decoded[sizes] = decode_photos(paths, *sizes, progress=progress)
+        return decoded[sizes]
+
+    def data_for(content: CheckpointContents) -> L.LightningDataModule:
+        return PhotoDataModule(photos_for(content), content.max_len, batch_size)
+
+    contents = _opened(checkpoints)
+    first = photos_for(contents[0])
+    if not first.names:
+        raise SettingError(f"none of the {len(paths)} image file(s) could be read; the first: "
+                           f"{next(iter(first.failed.values()))}")
+    result = _predict(contents, data_for, "the images", lambda content: (), views=views,
+                      accelerator=accelerator, devices=1, strategy=None,
+                      precision=precision, reader_overrides=reader_overrides,
+                      digit_boxes=True, progress=progress)
+    result.targets = None
+    return result, first
+
+
+def evaluation_sizes(contents: CheckpointContents) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (height, width) a checkpoint's images are cached at, then fed at: its
+    ``image_size`` times its data's ``cache_scale`` and ``eval_scale`` (what
+    ``evaluation_datamodule`` sets up for a split, and ``predict_photos`` decodes photos at)."""
+    data = SVHNDataModule.evaluation_settings(contents.data)
+    height, width = contents.image_size
+    return tuple(tuple(round(side * float(data.get(key, 1.0))) for side in (height, width))
+                 for key in ("cache_scale", "eval_scale"))  # type: ignore[return-value]
+
+
+def _opened(checkpoints: Sequence[str | Path | CheckpointContents]
+            ) -> list[CheckpointContents]:
     if not checkpoints:
         raise CheckpointError("no checkpoint given.")
-    views = check_views(views)
     contents = [c if isinstance(c, CheckpointContents) else read_checkpoint(c)
                 for c in checkpoints]
-    paths = [content.path for content in contents]
     shared_max_len(contents)
+    return contents
+
+
+def _predict(checkpoints: Sequence[str | Path | CheckpointContents],
+             data_for: Callable[[CheckpointContents], L.LightningDataModule], what: str,
+             notices: Callable[[CheckpointContents], Sequence[str | None]], *,
+             views: Sequence[str], accelerator: str, devices: int | str | list[int],
+             strategy: str | None, precision: str | None, reader_overrides: dict[str, Any],
+             digit_boxes: bool = False, progress: bool = True) -> Predictions:
+    """The one prediction loop: each checkpoint's reader over the data ``data_for`` gives
+    it, in its precision, then the members combined (``combine``)."""
+    views = check_views(views)
+    contents = _opened(checkpoints)
+    paths = [content.path for content in contents]
     trainers: dict[str, L.Trainer] = {}
     members = []
     for content in contents:
         run_precision, source = _run_precision(precision, content.precision, accelerator)
         if run_precision not in trainers:
             trainers[run_precision] = build_trainer(accelerator, devices, strategy,
-                                                    run_precision)
-        datamodule = evaluation_datamodule(content, data_dir, split, batch_size=batch_size,
-                                           num_workers=num_workers, cache_dir=cache_dir,
-                                           labelled=labelled)
+                                                    run_precision, progress_bar=progress)
+        datamodule = data_for(content)
         reader = load_reader(content, **reader_overrides)
         if is_global_zero():
-            print(f"Reading {split} with {content.path.name} in {run_precision} ({source}).",
+            print(f"Reading {what} with {content.path.name} in {run_precision} ({source}).",
                   flush=True)
             for notice in (emulated_bf16_notice(run_precision, accelerator, fix=_FLOAT32_FIX),
-                           data_notice(content, data_dir), fold_notice(content, split)):
+                           *notices(content)):
                 if notice:
                     print(notice, flush=True)
-        members.append(predict_with_reader(reader, datamodule, trainers[run_precision], views))
+        members.append(predict_with_reader(reader, datamodule, trainers[run_precision], views,
+                                           digit_boxes=digit_boxes))
     if len(members) > 1 and is_global_zero():
         print(combination_notice(members, paths), flush=True)
     result = combine(members)
-    if not labelled:
-        result.targets = None  # unlabelled rows carry placeholder targets
-    result.checkpoints, result.data_dir, result.split, result.views = paths, Path(data_dir), \
-        split, views
+    result.checkpoints, result.views = paths, views
     return result
 
 

@@ -227,8 +227,9 @@ class DigitReader(nn.Module):
         self.search_majority = search_majority
         self.search_merge = search_merge
         # Crops per read of the search (None: SEARCH_CROPS_PER_READ on an accelerator,
-        # CPU_SEARCH_CROPS_PER_READ on a CPU); not a hyper-parameter: it changes the speed,
-        # not the answer.
+        # CPU_SEARCH_CROPS_PER_READ on a CPU; 0: each zoom step's crops in one read, with no
+        # loop over the batch's size, which an ONNX export needs to keep its batch free);
+        # not a hyper-parameter: it changes the speed, not the answer.
         self.search_crops_per_read: int | None = None
         self.channels_last = channels_last
         self.detector: DetectionHead | None = None
@@ -353,8 +354,10 @@ class DigitReader(nn.Module):
         keeps its last reading), and one whose next box overlaps an earlier chain's of the
         same image at this step (``leader_boxes``) takes that chain's reading."""
         batch, count = len(images), len(starts)
-        per_read = self.search_crops_per_read or (
-            CPU_SEARCH_CROPS_PER_READ if images.device.type == "cpu" else SEARCH_CROPS_PER_READ)
+        per_read = self.search_crops_per_read
+        if per_read is None:
+            per_read = CPU_SEARCH_CROPS_PER_READ if images.device.type == "cpu" \
+                else SEARCH_CROPS_PER_READ
         box = torch.cat([start.float() for start in starts])  # (count * batch, 4)
         rows = torch.arange(batch, device=images.device).repeat(count)
         last: dict[str, torch.Tensor] = {}  # each chain's last reading (whole-image boxes)
@@ -383,14 +386,15 @@ class DigitReader(nn.Module):
     def _read_crops(self, images: torch.Tensor, box: torch.Tensor, rows: torch.Tensor,
                     readers: torch.Tensor | None, per_read: int) -> dict[str, torch.Tensor]:
         """One zoom step: the crops around ``box`` (of images ``rows``; only at ``readers``
-        when given) read ``per_read`` at a time: ``logits``, the ``box`` found and
-        ``char_boxes``, in whole-image coordinates."""
+        when given) read ``per_read`` at a time (0: all in one read): ``logits``, the ``box``
+        found and ``char_boxes``, in whole-image coordinates."""
         if readers is not None:
             box, rows = box[readers], rows[readers]
         region = crop_region(box, self.zoom_margin)
-        reads = [self.read(crop_boxes(images, box[first:first + per_read], self.zoom_margin,
-                                      self.image_size, image_rows=rows[first:first + per_read]))
-                 for first in range(0, len(box), per_read)]
+        parts = [slice(None)] if per_read == 0 else \
+            [slice(first, first + per_read) for first in range(0, len(box), per_read)]
+        reads = [self.read(crop_boxes(images, box[part], self.zoom_margin, self.image_size,
+                                      image_rows=rows[part])) for part in parts]
         out = {key: torch.cat([read[key] for read in reads]) for key in _CHAIN_KEYS
                if key in reads[0]}
         found = {"logits": out["logits"], "box": box_from_crop(self.zoom_box(out), region)}
@@ -529,7 +533,8 @@ def _put_rows(result: dict[str, torch.Tensor], rows: torch.Tensor,
 
 def _with_chains(voted: dict[str, torch.Tensor], chains: list[dict[str, torch.Tensor]],
                  windows: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
-    """``voted``'s answer with its 29 ``chain_logits`` and ``chain_boxes`` in the search's
+    """``voted``'s answer with its 29 ``chain_logits`` and ``chain_boxes`` (and
+    ``chain_char_boxes``, when the reader finds each digit's box) in the search's
     order: ``chains`` (the first two), then the windows', the answer itself in the place
     of a window not run (None)."""
     result = {key: value for key, value in voted.items() if key in chains[0]}
@@ -537,6 +542,9 @@ def _with_chains(voted: dict[str, torch.Tensor], chains: list[dict[str, torch.Te
     result["chain_logits"] = torch.stack(
         [chain["logits"].to(result["logits"].dtype) for chain in ordered], 1)
     result["chain_boxes"] = torch.stack([chain["box"].float() for chain in ordered], 1)
+    if "char_boxes" in result:
+        result["chain_char_boxes"] = torch.stack([chain["char_boxes"].float()
+                                                  for chain in ordered], 1)
     return result
 
 

@@ -9,18 +9,22 @@ from svhn.data.labels import BLANK, canonical_predictions
 from svhn.geometry import paired_iou, pairwise_iou
 
 __all__ = ["answer_confidence", "chain_confidence", "chains_unsure", "majority_share",
-           "pick_chain", "vote", "vote_over_chains", "vote_probabilities", "voted_chain"]
+           "pick_chain", "vote", "vote_over_chains", "vote_probabilities", "voted_chain",
+           "winning_chain"]
 
 
 def voted_chain(chains: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Per image, every output of the chain ``vote`` picks, plus every chain's reading
     (``chain_logits`` (B, K, max_len, 11)) and final box (``chain_boxes`` (B, K, 4)), so an
-    ensemble or test-time views can vote over all their chains together."""
+    ensemble or test-time views can vote over all their chains together; with the digits'
+    own boxes, every chain's too (``chain_char_boxes`` (B, K, max_len, 4))."""
     stacked = {key: torch.stack([chain[key] for chain in chains], dim=1) for key in chains[0]}
     winner = vote(stacked["logits"].transpose(0, 1), stacked["box"].transpose(0, 1))
     result = {key: pick_chain(value, winner) for key, value in stacked.items()}
     result["chain_logits"] = stacked["logits"]
     result["chain_boxes"] = stacked["box"]
+    if "char_boxes" in stacked:
+        result["chain_char_boxes"] = stacked["char_boxes"]
     return result
 
 
@@ -65,8 +69,14 @@ def vote_over_chains(chain_probs: torch.Tensor, chain_boxes: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The probabilities (N, max_len, 11) and box (N, 4) of the chain ``vote`` picks among
     (N, K, max_len, 11) chain probabilities ending on (N, K, 4) boxes."""
-    winner = vote_probabilities(chain_probs.transpose(0, 1), chain_boxes.transpose(0, 1))
+    winner = winning_chain(chain_probs, chain_boxes)
     return pick_chain(chain_probs, winner), pick_chain(chain_boxes, winner)
+
+
+def winning_chain(chain_probs: torch.Tensor, chain_boxes: torch.Tensor) -> torch.Tensor:
+    """(N,) the index of the chain ``vote`` picks among (N, K, max_len, 11) chain
+    probabilities ending on (N, K, 4) boxes (to pick any other per-chain output)."""
+    return vote_probabilities(chain_probs.transpose(0, 1), chain_boxes.transpose(0, 1))
 
 
 def chain_confidence(probs: torch.Tensor) -> torch.Tensor:

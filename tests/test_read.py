@@ -6,6 +6,7 @@ The readers here are untrained: every test compares two ways of reading the same
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from svhn.data.images import read_rgb
+from svhn.data.labels import decode_probabilities
 from svhn.data.photos import decode_photos, photo_paths
 from svhn.data.synthetic import generate_dataset
 from svhn.errors import SettingError
@@ -99,7 +101,6 @@ def test_an_ensemble_votes_as_in_predict(photo_set, detector, tmp_path, capsys):
                              cache_dir=tmp_path / "cache")
     capsys.readouterr()
     code, found = _read_json(capsys, str(detector), str(other), str(photo_set / "mchar_val"))
-    from svhn.data.labels import decode_probabilities
     assert code == 0
     assert [r["number"] for r in found["readings"]] == decode_probabilities(expected.probs)
 
@@ -204,3 +205,23 @@ def test_drawings_are_written_once_and_replaced_only_when_asked(photo_set, detec
                            str(tmp_path / "new")]) == 2
     assert "would both be drawn as" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.real_data
+def test_the_real_val_images_read_as_predict_writes_them(detector, tmp_path, capsys):
+    """The real photos, of every size, go through svhn.read's decoding to the same numbers
+    as through svhn.predict's cache."""
+    data_dir = os.environ.get("SVHN_DATA_DIR")
+    if not data_dir:
+        pytest.skip("set SVHN_DATA_DIR to the competition folder")
+    data_dir = Path(data_dir)
+    out = tmp_path / "val.csv"
+    assert predict_cli.main([str(detector), "--data_dir", str(data_dir), "--split", "val",
+                             "--out", str(out), "--cache_dir", str(tmp_path / "cache"),
+                             "--accelerator", "cpu", "--no-zoom_search"]) == 0
+    written = pd.read_csv(out, dtype=str).set_index("file_name")["file_code"].to_dict()
+    capsys.readouterr()
+    code, found = _read_json(capsys, str(detector), str(data_dir / "mchar_val"),
+                             "--no-zoom_search")
+    assert code == 0 and len(found["readings"]) == len(written)
+    assert {Path(r["file"]).name: r["number"] for r in found["readings"]} == written

@@ -35,6 +35,8 @@ from svhn.inference.export import (
     read_with_torch,
 )
 from svhn.inference.predictor import PREDICT_BATCH_SIZE, evaluation_sizes
+from svhn.inference.scoring import score_submission
+from svhn.inference.submission import build_submission
 
 __all__ = ["format_onnx_table", "GENERATED_IMAGES", "measure_onnx"]
 
@@ -49,7 +51,7 @@ def measure_onnx(checkpoint: str | Path, data_dir: str | Path | None = None,
     contents = read_checkpoint(checkpoint)
     cache_size, input_size = evaluation_sizes(contents)
     start = time.perf_counter()
-    labels = None
+    samples = None
     if data_dir is None:
         photos = generated_photos(GENERATED_IMAGES, cache_size, input_size)
         source = f"{GENERATED_IMAGES} generated house numbers"
@@ -57,8 +59,7 @@ def measure_onnx(checkpoint: str | Path, data_dir: str | Path | None = None,
         files = list_split(data_dir, split)
         photos = decode_photos(files.image_paths, cache_size, input_size, progress=False)
         source = f"{data_dir} {split}"
-        if files.samples is not None:
-            labels = {sample.file_name: sample.label for sample in files.samples}
+        samples = files.samples
     decode_seconds = time.perf_counter() - start
     images = photos.images
     reader = load_reader(contents, zoom_search=search, search_gate=1.0 if search else None)
@@ -92,11 +93,10 @@ def measure_onnx(checkpoint: str | Path, data_dir: str | Path | None = None,
         median = statistics.median(runs)
         report[name] = {"seconds": median, "seconds_each": runs,
                         "images_per_s": len(images) / median}
-        if labels is not None:
-            names = [Path(path).name for path in photos.names]
-            strings = decode_probabilities(probs[name])
-            report[name]["score"] = sum(labels.get(file) == string for file, string
-                                        in zip(names, strings)) / len(names)
+        if samples is not None:  # scored as svhn.score scores a submission
+            submission = build_submission([Path(path).name for path in photos.names],
+                                          decode_probabilities(probs[name]))
+            report[name]["score"] = score_submission(submission, samples).seq_acc
     report["speedup"] = report["torch"]["seconds"] / report["onnxruntime"]["seconds"]
     return report
 

@@ -10,6 +10,7 @@ CPU (albumentations, ``svhn.data.transforms``) or per batch on the model's devic
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -52,12 +53,19 @@ from svhn.paths import DATA_DIR as DEFAULT_DATA_DIR
 from svhn.paths import SYNTHETIC_DIR, synthetic_extra_dir
 from svhn.tempfiles import held_lock
 
-__all__ = ["AUGMENT_ON", "default_num_workers", "fallback_notice", "SVHNDataModule"]
+__all__ = ["AUGMENT_ON", "default_num_workers", "fallback_notice", "scaled_size",
+           "SVHNDataModule"]
 
 AUGMENT_ON = ("auto", "cpu", "device")
 # What ``augment_on: auto`` picks on a CPU-only run (on an accelerator it is always
 # "device"): docs/performance.md has the measurement behind it.
 _AUTO_ON_CPU = "device"
+
+
+def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
+    """(height, width) ``size`` times ``scale``: the cache size (``cache_scale``) and the
+    evaluation size (``eval_scale``) of a reader's ``image_size``."""
+    return round(size[0] * scale), round(size[1] * scale)
 
 
 def fallback_notice(synthetic_size: int) -> str:
@@ -234,7 +242,7 @@ class SVHNDataModule(L.LightningDataModule):
         self.pseudo_labelled: list[Sample] = []  # set by set_pseudo_labels
 
     def _scaled(self, scale: float) -> tuple[int, int]:
-        return round(self.image_size[0] * scale), round(self.image_size[1] * scale)
+        return scaled_size(self.image_size, scale)
 
     @staticmethod
     def evaluation_settings(hparams: dict) -> dict:

@@ -38,6 +38,7 @@ __all__ = ["default_cache_dir", "DEFAULT_IMAGE_SIZE", "ImageCache", "ImageReadEr
 _CACHE_VERSION = 3
 DEFAULT_IMAGE_SIZE = (64, 128)  # (height, width) a model reads unless a config says otherwise
 _TMP_MARK = ".tmp"  # <stem>.tmp<pid>.npy: a cache being built by process <pid>
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a photo is turned
 
 
 class ImageReadError(SvhnError, ValueError):
@@ -91,9 +92,6 @@ def _decode(path: Path, at_least: tuple[int, int] | None) -> tuple[np.ndarray, t
                              "remove it from the split or shrink it.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"{path}: cannot decode image ({err}); re-copy it.") from None
-
-
-_EXIF_ORIENTATION = 0x0112
 
 
 def _as_rgb(img: Image.Image) -> np.ndarray:

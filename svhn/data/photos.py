@@ -47,8 +47,10 @@ def photo_paths(inputs: Sequence[str | Path]) -> list[Path]:
             found.append(item)
         else:
             raise SettingError(f"{item}: no such file or folder.")
-    unique = {p.resolve(): p for p in reversed(found)}  # the first mention of each file
-    return [p for p in found if unique.get(p.resolve()) is p]
+    unique: dict[Path, Path] = {}  # each file once, at its first mention
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 @dataclass

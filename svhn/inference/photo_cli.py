@@ -67,24 +67,24 @@ def readings(result: Predictions, sizes: dict[str, tuple[float, float]]) -> list
     out = []
     for i, name in enumerate(result.file_names):
         width, height = sizes[name]
-        scale = torch.tensor([width, height, width, height])
-
-        def pixels(box: torch.Tensor) -> list[float]:  # corners in order: a box may flip
-            box = box.float().clamp(0, 1).view(2, 2)
-            ordered = torch.cat([box.amin(0), box.amax(0)]) * scale  # noqa: B023
-            return [round(float(v), 1) for v in ordered]
-
-        box = pixels(result.boxes[i]) if result.boxes is not None else None
+        box = _pixels(result.boxes[i], width, height) if result.boxes is not None else None
         at = (classes[i] != BLANK).nonzero().squeeze(1).tolist()
         if at and result.char_boxes is not None:
-            digits = [DigitFound(str(int(classes[i, p])), pixels(result.char_boxes[i, p]))
-                      for p in at]
+            digits = [DigitFound(str(int(classes[i, p])),
+                                 _pixels(result.char_boxes[i, p], width, height)) for p in at]
         else:  # no box per digit, or an all-blank reading written as its best digit
             digits = [DigitFound(d, None) for d in numbers[i]]
         searched = None if result.searched is None else bool(result.searched[i])
         out.append(Reading(name, numbers[i], round(float(confidence[i]), 4), box, digits,
                            searched, (width, height)))
     return out
+
+
+def _pixels(box: torch.Tensor, width: float, height: float) -> list[float]:
+    """A normalised box in a photo's pixels, corners in order (a predicted box may flip)."""
+    corners = box.float().clamp(0, 1).view(2, 2)
+    ordered = torch.cat([corners.amin(0), corners.amax(0)]) * torch.tensor([width, height] * 2)
+    return [round(float(v), 1) for v in ordered]
 
 
 def _as_text(reading: Reading) -> str:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from svhn.checkpoint_format import CheckpointContents, CheckpointError, read_checkpoint
-from svhn.data.datamodule import SVHNDataModule
+from svhn.data.datamodule import SVHNDataModule, scaled_size
 from svhn.data.photos import PhotoDataModule, Photos, decode_photos
 from svhn.errors import SettingError, StoppedBySignal
 from svhn.inference.checkpoints import load_reader
@@ -240,7 +240,7 @@ def predict_split(
     def notices(content: CheckpointContents) -> tuple[str | None, ...]:
         return data_notice(content, data_dir), fold_notice(content, split)
 
-    result = _predict(checkpoints, data_for, split, notices, views=views,
+    result = _predict(_opened(checkpoints), data_for, split, notices, views=views,
                       accelerator=accelerator, devices=devices, strategy=strategy,
                       precision=precision, reader_overrides=reader_overrides)
     if not labelled:
@@ -290,9 +290,8 @@ def evaluation_sizes(contents: CheckpointContents) -> tuple[tuple[int, int], tup
     ``image_size`` times its data's ``cache_scale`` and ``eval_scale`` (what
     ``evaluation_datamodule`` sets up for a split, and ``predict_photos`` decodes photos at)."""
     data = SVHNDataModule.evaluation_settings(contents.data)
-    height, width = contents.image_size
-    return tuple(tuple(round(side * float(data.get(key, 1.0))) for side in (height, width))
-                 for key in ("cache_scale", "eval_scale"))  # type: ignore[return-value]
+    return (scaled_size(contents.image_size, float(data.get("cache_scale", 1.0))),
+            scaled_size(contents.image_size, float(data.get("eval_scale", 1.0))))
 
 
 def _opened(checkpoints: Sequence[str | Path | CheckpointContents]
@@ -305,7 +304,7 @@ def _opened(checkpoints: Sequence[str | Path | CheckpointContents]
     return contents
 
 
-def _predict(checkpoints: Sequence[str | Path | CheckpointContents],
+def _predict(contents: Sequence[CheckpointContents],
              data_for: Callable[[CheckpointContents], L.LightningDataModule], what: str,
              notices: Callable[[CheckpointContents], Sequence[str | None]], *,
              views: Sequence[str], accelerator: str, devices: int | str | list[int],
@@ -314,7 +313,6 @@ def _predict(checkpoints: Sequence[str | Path | CheckpointContents],
     """The one prediction loop: each checkpoint's reader over the data ``data_for`` gives
     it, in its precision, then the members combined (``combine``)."""
     views = check_views(views)
-    contents = _opened(checkpoints)
     paths = [content.path for content in contents]
     trainers: dict[str, L.Trainer] = {}
     members = []
